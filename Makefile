@@ -1,0 +1,32 @@
+# Every target creates the virtual environment on first use, so a fresh clone needs nothing else.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench bench-quick lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m persistroids_dist.demo
+
+test: $(STAMP)
+	$(BIN)/ruff check persistroids_dist connectors tests benchmarks
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks.run --quick
+
+lint: $(STAMP)
+	$(BIN)/ruff check persistroids_dist connectors tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,35 @@
+"""In-memory connector: a dict inside each shard process (the seed's MemConnector)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from persistroids_dist.codec import decode_value, encode_value
+from persistroids_dist.connector import BaseConnector
+
+__all__ = ["MemoryConnector"]
+
+
+class MemoryConnector(BaseConnector):
+    """Keeps flushed values in a dict owned by the shard; nothing survives the process.
+
+    Values are stored encoded, so a caller can never mutate what the "store" holds.
+    """
+
+    def __init__(self, id: str = "mem", initial: dict[Any, Any] | None = None) -> None:
+        self.id = id
+        self.state: dict[bytes, bytes] = {}
+        for k, v in (initial or {}).items():
+            self.state[encode_value(k)] = encode_value(v)
+        self.flushed_batches = 0
+
+    def read(self, args: Any) -> Any:
+        data = self.state.get(encode_value(args))
+        return None if data is None else decode_value(data)
+
+    def write(self, args: Any, value: Any) -> Any:
+        return (encode_value(args), encode_value(value))
+
+    def flush(self, payloads: list[Any]) -> None:
+        self.state.update(payloads)
+        self.flushed_batches += 1

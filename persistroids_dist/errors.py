@@ -1,0 +1,35 @@
+"""Exceptions raised by persistroids_dist."""
+
+from __future__ import annotations
+
+__all__ = ["AuthenticationError", "CacheClosedError", "FlushError", "PersistroidsError",
+           "RemoteError"]
+
+
+class PersistroidsError(Exception):
+    """Base class of this library's errors."""
+
+
+class FlushError(PersistroidsError):
+    """One or more connectors failed to flush; their payloads stay buffered for a retry."""
+
+    def __init__(self, shard: int, errors: dict[str, BaseException]) -> None:
+        self.shard = shard
+        self.errors = errors
+        detail = "; ".join(f"{cid}: {type(e).__name__}: {e}" for cid, e in errors.items())
+        super().__init__(f"shard {shard}: flush failed for {detail} (payloads kept buffered)")
+
+    def __reduce__(self):  # pickles across processes with its fields
+        return (type(self), (self.shard, self.errors))
+
+
+class RemoteError(PersistroidsError):
+    """An exception raised inside a shard that could not be re-raised as its own type."""
+
+
+class AuthenticationError(PersistroidsError):
+    """A peer did not prove the cache's secret."""
+
+
+class CacheClosedError(PersistroidsError):
+    """The cache was shut down."""

@@ -1,0 +1,388 @@
+"""One shard's logic: a cache partition, a write buffer and the connectors. No Ray in here.
+
+The shard speaks encoded bytes: keys arrive as canonical key bytes (see ``codec``), values as
+msgpack bytes, and reads return bytes. Storing values encoded keeps byte accounting exact, lets
+the transport pass them through without re-encoding, and means nobody can mutate a cached value
+in place. Connectors see decoded Python values.
+
+Thread safety: every public method takes the shard's lock, and connectors are called with it
+held, so a connector sees one call at a time and all operations on one key are linearizable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from threading import RLock
+from typing import Any
+
+from .codec import decode_key, decode_value, encode_value
+from .connector import Connector
+from .errors import FlushError
+
+__all__ = ["ShardCore", "default_merge"]
+
+log = logging.getLogger("persistroids_dist.shard")
+
+_UNSET = object()
+
+
+def default_merge(*values: Any) -> Any:
+    """The seed's ``merge``: one store, its value; several, a shallow dict merge (later wins).
+
+    None results are skipped; if the non-None results are not all dicts, the last one wins.
+    """
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if len(present) == 1:
+        return present[0]
+    if all(isinstance(v, dict) for v in present):
+        merged: dict[Any, Any] = {}
+        for v in present:
+            merged.update(v)
+        return merged
+    return present[-1]
+
+
+class ShardCore:
+    """A cache partition with write-behind buffering in front of ``connectors``.
+
+    ``writes_threshold``: flush when more than this many distinct keys are pending.
+    ``millis_threshold``: flush when the oldest pending write is older than this (checked by
+    ``tick()``, which the shard's host calls periodically, and on read misses).
+    ``max_entries`` / ``max_bytes``: LRU bounds of the partition (keys plus encoded values).
+    Entries with pending writes are never dropped: evicting one flushes the buffer first.
+    """
+
+    def __init__(
+        self,
+        connectors: Sequence[Connector],
+        *,
+        index: int = 0,
+        init_fn: Callable[[Any], Any] | None = None,
+        merge_query_fn: Callable[..., Any] | None = None,
+        writes_threshold: int = 99,
+        millis_threshold: float = 1000,
+        max_entries: int = 1_000_000,
+        max_bytes: int | None = None,
+        checkpoint_handler: Callable[[Any], Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        ids = [c.get_id() for c in connectors]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"connector ids must be unique, got {ids}")
+        if writes_threshold < 0 or millis_threshold <= 0 or max_entries < 1:
+            raise ValueError("writes_threshold >= 0, millis_threshold > 0 and max_entries >= 1")
+        self.index = index
+        self.connectors = list(connectors)
+        self._ids = ids
+        self.init_fn = init_fn
+        self.merge_query_fn = merge_query_fn or default_merge
+        self.writes_threshold = writes_threshold
+        self.millis_threshold = millis_threshold
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.checkpoint_handler = checkpoint_handler
+        self._clock = clock
+        self._lock = RLock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+        self._entries: OrderedDict[bytes, bytes] = OrderedDict()
+        self._bytes = 0
+        self._pending: dict[str, dict[bytes, Any]] = {cid: {} for cid in ids}
+        self._dirty: set[bytes] = set()
+        self._oldest_pending: float | None = None
+        self._retry_at = 0.0
+        self._backoff = 0.0
+        self._checkpoint: Any = _UNSET
+        self._functions: dict[bytes, Callable[[Any], Any]] = {}
+        self.c: dict[str, int] = dict.fromkeys(
+            ("lookup", "read", "write", "flush", "hits", "misses", "evictions", "updates",
+             "flush_calls", "flush_errors", "read_errors", "write_errors", "checkpoints",
+             "checkpoint_errors", "over_capacity"), 0)
+        self.last_errors: dict[str, str] = {}
+        for conn in self.connectors:
+            connect = getattr(conn, "connect", None)
+            if connect is not None:
+                self._call(connect)
+
+    # -- helpers --------------------------------------------------------------------------
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        result = fn(*args)
+        if inspect.isawaitable(result):  # async connectors run on the shard's own loop
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            result = self._loop.run_until_complete(result)
+        return result
+
+    def _args(self, kb: bytes, ab: bytes | None) -> Any:
+        return decode_key(kb) if ab is None else decode_value(ab)
+
+    def _put(self, kb: bytes, vb: bytes) -> None:
+        entries = self._entries
+        old = entries.get(kb)
+        if old is not None:
+            self._bytes -= len(old)
+            entries.move_to_end(kb)
+        else:
+            self._bytes += len(kb)
+        entries[kb] = vb
+        self._bytes += len(vb)
+        if len(entries) > self.max_entries or (
+            self.max_bytes is not None and self._bytes > self.max_bytes
+        ):
+            self._evict()
+
+    def _evict(self) -> None:
+        entries = self._entries
+        flushed = False
+        while len(entries) > 1 and (
+            len(entries) > self.max_entries
+            or (self.max_bytes is not None and self._bytes > self.max_bytes)
+        ):
+            kb = next(iter(entries))
+            if kb in self._dirty:
+                if flushed:  # the flush failed: keep it rather than drop unpersisted data
+                    self.c["over_capacity"] += 1
+                    return
+                self._flush(explicit=False)
+                flushed = True
+                continue
+            vb = entries.pop(kb)
+            self._bytes -= len(kb) + len(vb)
+            self.c["evictions"] += 1
+
+    # -- reads ----------------------------------------------------------------------------
+    def read(self, kb: bytes, ab: bytes | None = None, checkpoint: Any = _UNSET) -> bytes:
+        """Return the encoded value of key ``kb`` (``ab``: encoded read args, None = the key)."""
+        with self._lock:
+            if checkpoint is not _UNSET:
+                self._checkpoint = checkpoint
+            self.c["lookup"] += 1
+            vb = self._entries.get(kb)
+            if vb is not None:
+                self.c["hits"] += 1
+                self._entries.move_to_end(kb)
+                return vb
+            return self._load(kb, ab)
+
+    def read_many(self, kbs: Sequence[bytes], abs_: Sequence[bytes | None] | None = None
+                  ) -> list[bytes]:
+        with self._lock:
+            entries = self._entries
+            out = []
+            for i, kb in enumerate(kbs):
+                self.c["lookup"] += 1
+                vb = entries.get(kb)
+                if vb is None:
+                    vb = self._load(kb, None if abs_ is None else abs_[i])
+                else:
+                    self.c["hits"] += 1
+                    entries.move_to_end(kb)
+                out.append(vb)
+            return out
+
+    def _load(self, kb: bytes, ab: bytes | None) -> bytes:
+        self.c["misses"] += 1
+        args = self._args(kb, ab)
+        if kb in self._dirty or self._time_to_flush():
+            # A store is never read while this key has newer buffered writes.
+            self._flush(explicit=kb in self._dirty)
+        self.c["read"] += 1
+        try:
+            results = [self._call(conn.read, args) for conn in self.connectors]
+        except Exception:
+            self.c["read_errors"] += 1
+            raise
+        value = self.merge_query_fn(*results) if results else None
+        if value is None and self.init_fn is not None:
+            value = self.init_fn(args)  # cached, never persisted
+        vb = encode_value(value)
+        self._put(kb, vb)
+        return vb
+
+    # -- writes ---------------------------------------------------------------------------
+    def _write1(self, kb: bytes, ab: bytes | None, vb: bytes) -> None:
+        self.c["write"] += 1
+        payloads = []
+        if self.connectors:
+            args = self._args(kb, ab)
+            try:
+                for conn in self.connectors:
+                    # Each connector gets its own decoded copy: a payload may keep it.
+                    payloads.append(self._call(conn.write, args, decode_value(vb)))
+            except Exception:
+                self.c["write_errors"] += 1
+                raise  # nothing of this write was cached or buffered
+        dirty = False
+        for cid, payload in zip(self._ids, payloads):
+            if payload is not None:
+                self._pending[cid][kb] = payload
+                dirty = True
+        if dirty:
+            if self._oldest_pending is None:
+                self._oldest_pending = self._clock()
+            self._dirty.add(kb)
+        self._put(kb, vb)
+
+    def write(self, kb: bytes, ab: bytes | None, vb: bytes, checkpoint: Any = _UNSET) -> None:
+        with self._lock:
+            self._write1(kb, ab, vb)
+            if checkpoint is not _UNSET:
+                self._checkpoint = checkpoint
+            self._check_thresholds()
+
+    def write_many(self, items: Iterable[Sequence[Any]], checkpoint: Any = _UNSET) -> int:
+        """Apply ``(kb, ab, vb)`` writes in order; a failing item stops the batch and raises."""
+        n = 0
+        with self._lock:
+            try:
+                for kb, ab, vb in items:
+                    self._write1(kb, ab, vb)
+                    n += 1
+            finally:
+                if checkpoint is not _UNSET and n:
+                    self._checkpoint = checkpoint
+                self._check_thresholds()
+        return n
+
+    def update(self, kb: bytes, ab: bytes | None, fn: Callable[[Any], Any]) -> bytes:
+        """Atomically replace the value of ``kb`` by ``fn(value)``; return the new encoded value."""
+        with self._lock:
+            old = self.read(kb, ab)
+            vb = encode_value(fn(decode_value(old)))
+            self.c["updates"] += 1
+            self._write1(kb, ab, vb)
+            self._check_thresholds()
+            return vb
+
+    def register_function(self, digest: bytes, fn: Callable[[Any], Any]) -> None:
+        self._functions[digest] = fn
+
+    def function(self, digest: bytes) -> Callable[[Any], Any] | None:
+        return self._functions.get(digest)
+
+    # -- flushing -------------------------------------------------------------------------
+    def _time_to_flush(self) -> bool:
+        if not self._dirty:
+            return False
+        if len(self._dirty) > self.writes_threshold:
+            return True
+        assert self._oldest_pending is not None
+        return (self._clock() - self._oldest_pending) * 1000 >= self.millis_threshold
+
+    def _check_thresholds(self) -> None:
+        if self._time_to_flush() and self._clock() >= self._retry_at:
+            self._flush(explicit=False)
+
+    def tick(self) -> None:
+        """Flush if a threshold has passed; the host calls this periodically."""
+        with self._lock:
+            self._check_thresholds()
+
+    def flush(self, checkpoint: Any = _UNSET) -> Any:
+        """Flush every pending write now; raise FlushError if a connector failed.
+
+        Returns the checkpoint handler's result when a checkpoint state was recorded and
+        something was flushed, else the number of distinct keys flushed.
+        """
+        with self._lock:
+            if checkpoint is not _UNSET:
+                self._checkpoint = checkpoint
+            return self._flush(explicit=True)
+
+    def _flush(self, explicit: bool) -> Any:
+        # Take the buffer first, so a write arriving during the connector calls lands in a
+        # fresh buffer and is never lost (the seed read, flushed, then reset).
+        snapshot, self._pending = self._pending, {cid: {} for cid in self._ids}
+        dirty, self._dirty = self._dirty, set()
+        oldest, self._oldest_pending = self._oldest_pending, None
+        if not dirty:
+            return 0
+        self.c["flush_calls"] += 1
+        failed: dict[str, BaseException] = {}
+        failed_keys: set[bytes] = set()
+        for conn, cid in zip(self.connectors, self._ids):
+            payloads = snapshot[cid]
+            try:
+                self._call(conn.flush, list(payloads.values()))
+            except Exception as e:  # keep this connector's payloads for the next attempt
+                failed[cid] = e
+                failed_keys.update(payloads)
+                self.last_errors[cid] = f"{type(e).__name__}: {e}"
+                self.c["flush_errors"] += 1
+                log.warning("shard %d: flush of %d payloads to %s failed: %r",
+                            self.index, len(payloads), cid, e)
+                pending = self._pending[cid]
+                merged = dict(payloads)
+                merged.update(pending)  # newer writes since the snapshot win
+                self._pending[cid] = merged
+        self.c["flush"] += len(dirty) - len(failed_keys)
+        if failed:
+            self._dirty |= failed_keys
+            self._oldest_pending = oldest
+            self._backoff = min(max(self._backoff * 2, 0.05), 5.0)
+            self._retry_at = self._clock() + self._backoff
+            if explicit:
+                raise FlushError(self.index, failed)
+            return 0
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        if self.checkpoint_handler is not None and self._checkpoint is not _UNSET:
+            try:
+                result = self.checkpoint_handler(self._checkpoint)
+                self.c["checkpoints"] += 1
+                return result
+            except Exception:
+                self.c["checkpoint_errors"] += 1
+                if explicit:
+                    raise
+                log.exception("shard %d: checkpoint handler failed", self.index)
+                return 0
+        return len(dirty)
+
+    # -- introspection and shutdown -------------------------------------------------------
+    def metrics(self) -> dict[str, Any]:
+        with self._lock:
+            m: dict[str, Any] = dict(self.c)
+            m["entries"] = len(self._entries)
+            m["bytes"] = self._bytes
+            m["pending"] = len(self._dirty)
+            m["oldest_pending_ms"] = (
+                0.0 if self._oldest_pending is None
+                else (self._clock() - self._oldest_pending) * 1000)
+            m["last_errors"] = dict(self.last_errors)
+            return m
+
+    def contains(self, kb: bytes) -> bool:
+        with self._lock:
+            return kb in self._entries
+
+    def close(self, disconnect: bool = False) -> dict[str, Any]:
+        """Flush (raising FlushError if a store fails), optionally disconnect; return metrics."""
+        with self._lock:
+            self._flush(explicit=True)
+            if disconnect:
+                for conn in self.connectors:
+                    fn = getattr(conn, "disconnect", None)
+                    if fn is not None:
+                        self._call(fn)
+            if self._loop is not None:
+                self._loop.close()
+                self._loop = None
+            return self.metrics()
+
+    # -- plain-value conveniences (tests, embedding without Ray) ---------------------------
+    def get(self, key: Any) -> Any:
+        from .codec import encode_key
+        return decode_value(self.read(encode_key(key)))
+
+    def put(self, key: Any, value: Any) -> Any:
+        from .codec import encode_key
+        self.write(encode_key(key), None, encode_value(value))
+        return value
