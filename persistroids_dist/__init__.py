@@ -1,0 +1,33 @@
+"""persistroids-dist: a Ray-sharded read/write-through cache with write-behind buffering.
+
+    import persistroids_dist as pd
+    cache = pd.init([SQLiteConnector("data.db")], init_fn=lambda args: 0)
+    cache.update("visits", lambda v: v + 1)
+    cache.shutdown()
+"""
+
+from .api import connect, ensure_ray, init
+from .client import Cache
+from .connector import BaseConnector, Connector
+from .errors import (
+    AuthenticationError,
+    CacheClosedError,
+    FlushError,
+    PersistroidsError,
+    RemoteError,
+)
+
+__all__ = [
+    "AuthenticationError",
+    "BaseConnector",
+    "Cache",
+    "CacheClosedError",
+    "Connector",
+    "FlushError",
+    "PersistroidsError",
+    "RemoteError",
+    "connect",
+    "ensure_ray",
+    "init",
+]
+__version__ = "0.1.0"

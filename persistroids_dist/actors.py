@@ -1,0 +1,195 @@
+"""Thin Ray actors: a shard (ShardCore + socket server + flush timer) and the coordinator.
+
+Ray is the control plane here: it places the actors, restarts them, and finds them by name.
+Reads and writes go over the shard's socket (see ``transport``), not through these methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from typing import Any
+
+import ray
+from ray import cloudpickle
+
+from .codec import decode_value
+from .errors import FlushError
+from .shard import ShardCore
+from .transport import Op, ShardServer
+
+log = logging.getLogger("persistroids_dist.actors")
+
+_UNSET_CKPT = b""
+
+
+def _unpickle_checkpoint(blob: bytes | None) -> Any:
+    return cloudpickle.loads(blob) if blob else None
+
+
+class ShardHost:
+    """Hosts a ShardCore: serves it on sockets and runs its flush timer. Ray-free, so the
+    same host can run in a test process; ``ShardActor`` is this class as a Ray actor."""
+
+    def __init__(self, index: int, connectors: list[Any], options: dict[str, Any],
+                 secret: bytes, tcp_host: str | None = None) -> None:
+        self.index = index
+        self.core = ShardCore(connectors, index=index, **options)
+        self._dir = tempfile.mkdtemp(prefix="persistroids-")
+        os.chmod(self._dir, 0o700)
+        handlers = {
+            Op.READ: self._read,
+            Op.READ_MANY: self.core.read_many,
+            Op.WRITE: self._write,
+            Op.WRITE_MANY: self._write_many,
+            Op.UPDATE: self._update,
+            Op.FLUSH: lambda: self.core.flush(),
+            Op.METRICS: self.metrics,
+            Op.PING: lambda: self.index,
+        }
+        self.server = ShardServer(handlers, secret,
+                                  unix_path=os.path.join(self._dir, f"shard{index}.sock"),
+                                  tcp_host=tcp_host)
+        self._address = self.server.start()
+        self._stop = threading.Event()
+        # Ticks often enough that no write waits much longer than millis_threshold.
+        period = max(0.002, min(0.1, self.core.millis_threshold / 1000 / 10))
+        self._ticker = threading.Thread(target=self._tick_loop, args=(period,), daemon=True,
+                                        name="persistroids-ticker")
+        self._ticker.start()
+
+    def _tick_loop(self, period: float) -> None:
+        while not self._stop.wait(period):
+            try:
+                self.core.tick()
+            except Exception:  # counted in the core's metrics; keep ticking
+                log.exception("shard %d: timed flush failed", self.index)
+
+    # -- socket handlers --------------------------------------------------------------------
+    def _read(self, kb: bytes, ab: bytes | None, ckpt: bytes | None = None) -> bytes:
+        if ckpt:
+            return self.core.read(kb, ab, checkpoint=_unpickle_checkpoint(ckpt))
+        return self.core.read(kb, ab)
+
+    def _write(self, kb: bytes, ab: bytes | None, vb: bytes, ckpt: bytes | None = None) -> None:
+        if ckpt:
+            self.core.write(kb, ab, vb, checkpoint=_unpickle_checkpoint(ckpt))
+        else:
+            self.core.write(kb, ab, vb)
+
+    def _write_many(self, items: list[list[Any]], ckpt: bytes | None = None) -> int:
+        if ckpt:
+            return self.core.write_many(items, checkpoint=_unpickle_checkpoint(ckpt))
+        return self.core.write_many(items)
+
+    def _update(self, kb: bytes, ab: bytes | None, digest: bytes, fn_blob: bytes | None) -> bytes:
+        fn = self.core.function(digest)
+        if fn is None:
+            if fn_blob is None:
+                raise LookupError(f"unknown update function {digest.hex()}")
+            fn = cloudpickle.loads(fn_blob)
+            self.core.register_function(digest, fn)
+        return self.core.update(kb, ab, fn)
+
+    # -- control plane ----------------------------------------------------------------------
+    def address(self) -> dict[str, Any]:
+        return self._address
+
+    def flush(self, checkpoint_blob: bytes | None = None) -> Any:
+        if checkpoint_blob:
+            return self.core.flush(checkpoint=_unpickle_checkpoint(checkpoint_blob))
+        return self.core.flush()
+
+    def metrics(self) -> dict[str, Any]:
+        m = self.core.metrics()
+        m["shard"] = self.index
+        m["auth_failures"] = self.server.auth_failures
+        m["connections"] = self.server.connections
+        return m
+
+    def read_value(self, kb: bytes) -> Any:
+        return decode_value(self.core.read(kb))
+
+    def close(self, disconnect: bool = False) -> dict[str, Any]:
+        """Flush and stop serving; raise FlushError (still serving) if a store failed."""
+        metrics = self.core.close(disconnect=disconnect)
+        self._stop.set()
+        self.server.close()
+        try:
+            os.rmdir(self._dir)
+        except OSError:
+            pass
+        m = self.metrics()
+        m.update(metrics)
+        return m
+
+
+ShardActor = ray.remote(ShardHost)
+
+
+@ray.remote
+class Coordinator:
+    """Knows the shards of one cache; runs synchronized flushes and serves the handle spec."""
+
+    def __init__(self, spec: dict[str, Any], shards: list[Any],
+                 checkpoint_handler: Any = None) -> None:
+        self._spec = spec
+        self._shards = shards
+        self._handler = checkpoint_handler
+
+    def spec(self) -> dict[str, Any]:
+        return self._spec
+
+    def shards(self) -> list[Any]:
+        return self._shards
+
+    def flush_all(self, checkpoint_blob: bytes | None = None) -> Any:
+        """Flush every shard in parallel; then run the checkpoint handler if one was given.
+
+        Returns the handler's result when a checkpoint ran, else the number of keys flushed;
+        None when nothing was pending (the seed's flush-now contract).
+        """
+        results = ray.get([s.flush.remote() for s in self._shards])
+        flushed = sum(r for r in results if isinstance(r, int))
+        if flushed == 0:
+            return None
+        if checkpoint_blob and self._handler is not None:
+            return self._handler(_unpickle_checkpoint(checkpoint_blob))
+        return flushed
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return ray.get([s.metrics.remote() for s in self._shards])
+
+    def shutdown(self, disconnect: bool = False) -> list[dict[str, Any]]:
+        """Close every shard (flushing it). Raises FlushError and leaves all actors running if
+        any store failed, so no buffered write is lost."""
+        refs = [s.close.remote(disconnect) for s in self._shards]
+        out, errors = [], []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref))
+            except FlushError as e:
+                errors.append(e)
+            except ray.exceptions.RayTaskError as e:
+                cause = e.as_instanceof_cause()
+                if isinstance(cause, FlushError):
+                    errors.append(cause)
+                else:
+                    raise
+        if errors:
+            raise errors[0]
+        for s in self._shards:
+            ray.kill(s)
+        return out
+
+
+def wait_ready(refs: list[Any], timeout: float = 120.0) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    if pending:
+        raise TimeoutError(f"{len(pending)} shard(s) did not start within {timeout:.0f}s "
+                           f"(elapsed {timeout - max(0.0, deadline - time.monotonic()):.0f}s)")
+    return ray.get(ready)

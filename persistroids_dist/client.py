@@ -1,0 +1,348 @@
+"""The ``Cache`` handle: routes reads and writes to shards over their sockets.
+
+A handle is cheap and picklable: passing it to a Ray task or actor ships its spec (names,
+addresses, actor handles, the secret), and the receiving process opens its own connections on
+first use. All handles of one cache in one process share one connection per shard, so the
+process sees its own writes in order (read-your-writes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import msgpack
+import ray
+from ray import cloudpickle
+
+from .codec import NUM_SLOTS, decode_value, encode_key, encode_value, slot_of
+from .errors import CacheClosedError
+from .transport import Connection, Op
+
+__all__ = ["Cache", "NAMESPACE"]
+
+#: Ray namespace of every cache's actors, so other drivers can find them by name.
+NAMESPACE = "persistroids"
+
+_packb = msgpack.packb
+_NO_CHECKPOINT = object()
+
+
+def slot_table(num_shards: int) -> list[int]:
+    """Contiguous slot ranges per shard (resharding later moves ranges of slots)."""
+    return [slot * num_shards // NUM_SLOTS for slot in range(NUM_SLOTS)]
+
+
+class _Pool:
+    """One process's connections to the shards of one cache."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.addresses: list[dict[str, Any]] = list(spec["addresses"])
+        self.conns: list[Connection | None] = [None] * spec["num_shards"]
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def conn(self, shard: int) -> Connection:
+        c = self.conns[shard]
+        if c is not None and not c.closed:
+            return c
+        with self.lock:
+            if self.closed:
+                raise CacheClosedError(f"cache {self.spec['name']!r} was shut down")
+            c = self.conns[shard]
+            if c is None or c.closed:
+                try:
+                    c = Connection(self.addresses[shard], self.spec["secret"])
+                except (ConnectionError, FileNotFoundError, OSError):
+                    self.addresses[shard] = self._resolve(shard)
+                    c = Connection(self.addresses[shard], self.spec["secret"])
+                self.conns[shard] = c
+            return c
+
+    def _resolve(self, shard: int) -> dict[str, Any]:
+        # The shard may have been restarted by Ray with a new socket: ask it where it is.
+        try:
+            return ray.get(self.spec["shards"][shard].address.remote(), timeout=60)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            raise CacheClosedError(
+                f"cache {self.spec['name']!r}: shard {shard} is gone ({type(e).__name__}); "
+                "was the cache shut down?") from None
+
+    def drop(self, shard: int) -> None:
+        c = self.conns[shard]
+        if c is not None:
+            c.close()
+        self.conns[shard] = None
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            for i in range(len(self.conns)):
+                self.drop(i)
+
+
+_POOLS: dict[tuple[str, bytes], _Pool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool_for(spec: dict[str, Any]) -> _Pool:
+    key = (spec["name"], spec["secret"])
+    pool = _POOLS.get(key)
+    if pool is None or pool.closed:
+        with _POOLS_LOCK:
+            pool = _POOLS.get(key)
+            if pool is None or pool.closed:
+                pool = _POOLS[key] = _Pool(spec)
+    return pool
+
+
+def _rebuild(spec: dict[str, Any]) -> Cache:
+    return Cache(spec)
+
+
+class Cache:
+    """A handle on a sharded cache. Create one with ``persistroids_dist.init`` or ``connect``.
+
+    Consistency: every operation on a key runs in the shard that owns it, one at a time, so
+    each key is linearizable. ``write`` is pipelined: it returns once the request is on the
+    socket, and this process's later reads (any thread, any handle) see it; other processes
+    see it once the shard applied it, which ``sync()`` waits for (``write(..., wait=True)``
+    waits for that one write). ``update`` and every read wait for the shard's answer.
+    """
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self._spec = spec
+        self.name: str = spec["name"]
+        self.num_shards: int = spec["num_shards"]
+        self._cache_key: Callable[[Any], Any] | None = spec.get("cache_key")
+        self._table = slot_table(self.num_shards)
+        self._pool = _pool_for(spec)
+        self._fns: dict[int, tuple[Any, bytes, bytes]] = {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self._spec,))
+
+    def __repr__(self) -> str:
+        return f"Cache(name={self.name!r}, num_shards={self.num_shards})"
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # -- routing ----------------------------------------------------------------------------
+    def _encode(self, args: Any) -> tuple[bytes, bytes | None]:
+        if self._cache_key is None:
+            return encode_key(args), None
+        return encode_key(self._cache_key(args)), encode_value(args)
+
+    def shard_of(self, args: Any) -> int:
+        """The index of the shard that owns ``args``' key."""
+        return self._table[slot_of(self._encode(args)[0])]
+
+    def _call(self, shard: int, frame: bytes, retry: bool = False) -> Any:
+        pool = self._pool
+        conn = pool.conn(shard)
+        try:
+            with conn.lock:
+                return conn.call(frame)
+        except (ConnectionError, OSError) as e:
+            pool.drop(shard)
+            if not retry:
+                raise ConnectionError(f"cache {self.name!r}: lost shard {shard}: {e}") from e
+            conn = pool.conn(shard)
+            with conn.lock:
+                return conn.call(frame)
+
+    # -- reads ------------------------------------------------------------------------------
+    def read(self, args: Any, *, checkpoint: Any = _NO_CHECKPOINT) -> Any:
+        """Return the value for ``args``: from the cache, else the stores (merged), else
+        ``init_fn(args)``. A cached None is a hit."""
+        kb, ab = self._encode(args)
+        shard = self._table[slot_of(kb)]
+        if checkpoint is _NO_CHECKPOINT:
+            frame = _packb([Op.READ, kb, ab])
+        else:
+            frame = _packb([Op.READ, kb, ab, cloudpickle.dumps(checkpoint)])
+        return decode_value(self._call(shard, frame, retry=True))
+
+    def read_many(self, args_list: Iterable[Any]) -> list[Any]:
+        """Read many keys with one round trip per shard (all shards in parallel)."""
+        groups: dict[int, tuple[list[int], list[bytes], list[bytes | None]]] = {}
+        n = 0
+        for i, args in enumerate(args_list):
+            kb, ab = self._encode(args)
+            g = groups.get(s := self._table[slot_of(kb)])
+            if g is None:
+                g = groups[s] = ([], [], [])
+            g[0].append(i)
+            g[1].append(kb)
+            g[2].append(ab)
+            n = i + 1
+        out: list[Any] = [None] * n
+        results = self._scatter({s: _packb([Op.READ_MANY, g[1], g[2] if self._cache_key else None])
+                                 for s, g in groups.items()})
+        for s, res in results.items():
+            for i, vb in zip(groups[s][0], res):
+                out[i] = decode_value(vb)
+        return out
+
+    def _scatter(self, frames: dict[int, bytes]) -> dict[int, Any]:
+        """Send one request per shard, then collect the answers: one round trip overall."""
+        conns = [(s, self._pool.conn(s)) for s in sorted(frames)]
+        held = []
+        try:
+            for _, c in conns:  # sorted order: no deadlock with another thread doing the same
+                c.lock.acquire()
+                held.append(c)
+            for s, c in conns:
+                c.begin(frames[s])
+            return {s: c.finish() for s, c in conns}
+        except (ConnectionError, OSError) as e:
+            for s, _ in conns:
+                self._pool.drop(s)
+            raise ConnectionError(f"cache {self.name!r}: lost a shard: {e}") from e
+        finally:
+            for c in held:
+                c.lock.release()
+
+    # -- writes -----------------------------------------------------------------------------
+    def write(self, args: Any, value: Any, *, wait: bool = False,
+              checkpoint: Any = _NO_CHECKPOINT) -> Any:
+        """Cache ``value`` for ``args`` and buffer it for every store; return ``value``.
+
+        Raises TypeError at once, sending nothing, if the key or value cannot be encoded.
+        """
+        kb, ab = self._encode(args)
+        vb = encode_value(value)
+        shard = self._table[slot_of(kb)]
+        if checkpoint is _NO_CHECKPOINT:
+            frame = _packb([Op.WRITE, kb, ab, vb])
+        else:
+            frame = _packb([Op.WRITE, kb, ab, vb, cloudpickle.dumps(checkpoint)])
+            wait = True
+        if wait:
+            self._call(shard, frame)
+            return value
+        conn = self._pool.conn(shard)
+        try:
+            with conn.lock:
+                conn.send(frame)
+        except (ConnectionError, OSError) as e:
+            self._pool.drop(shard)
+            raise ConnectionError(f"cache {self.name!r}: lost shard {shard}: {e}") from e
+        return value
+
+    def write_many(self, items: Iterable[tuple[Any, Any]]) -> int:
+        """Write many ``(args, value)`` pairs, one round trip per shard; return the count.
+
+        Every key and value is encoded first, so a bad item raises TypeError and nothing is
+        sent. Returns once every shard has applied its part.
+        """
+        groups: dict[int, list[list[Any]]] = {}
+        for args, value in items:
+            kb, ab = self._encode(args)
+            entry = [kb, ab, encode_value(value)]
+            g = groups.get(s := self._table[slot_of(kb)])
+            if g is None:
+                groups[s] = [entry]
+            else:
+                g.append(entry)
+        results = self._scatter({s: _packb([Op.WRITE_MANY, g]) for s, g in groups.items()})
+        return sum(results.values())
+
+    def update(self, args: Any, fn: Callable[[Any], Any]) -> Any:
+        """Atomically set the value of ``args`` to ``fn(value)`` inside the owning shard and
+        return the new value. ``fn`` is shipped once per process and shard, then reused."""
+        kb, ab = self._encode(args)
+        shard = self._table[slot_of(kb)]
+        digest, blob = self._function(fn)
+        conn = self._pool.conn(shard)
+        try:
+            with conn.lock:
+                known = digest in conn.known_functions
+                vb = conn.call(_packb([Op.UPDATE, kb, ab, digest, None if known else blob]))
+                conn.known_functions.add(digest)
+        except (ConnectionError, OSError) as e:
+            self._pool.drop(shard)
+            raise ConnectionError(f"cache {self.name!r}: lost shard {shard}: {e}") from e
+        return decode_value(vb)
+
+    def _function(self, fn: Callable[[Any], Any]) -> tuple[bytes, bytes]:
+        hit = self._fns.get(id(fn))
+        if hit is not None and hit[0] is fn:
+            return hit[1], hit[2]
+        if not callable(fn):
+            raise TypeError(f"update needs a callable, got {type(fn).__qualname__}")
+        blob = cloudpickle.dumps(fn)
+        digest = hashlib.blake2b(blob, digest_size=16).digest()
+        if len(self._fns) > 1024:
+            self._fns.clear()
+        self._fns[id(fn)] = (fn, digest, blob)  # holding fn keeps its id from being reused
+        return digest, blob
+
+    # -- control ----------------------------------------------------------------------------
+    def sync(self) -> None:
+        """Wait until every write this process pipelined has been applied by its shard;
+        raise the first error a shard reported for one of them."""
+        for shard in range(self.num_shards):
+            conn = self._pool.conns[shard]
+            if conn is not None and not conn.closed:
+                with conn.lock:
+                    conn.sync()
+
+    def flush_now(self, *, checkpoint: Any = _NO_CHECKPOINT) -> Any:
+        """Write every buffered write of every shard to the stores, then return.
+
+        With ``checkpoint``, the checkpoint handler runs on that state after all shards
+        flushed and its result is returned. Returns None when nothing was pending. Raises
+        FlushError if a store failed (its payloads stay buffered).
+        """
+        self.sync()
+        blob = None if checkpoint is _NO_CHECKPOINT else cloudpickle.dumps(checkpoint)
+        return _get(self._spec["coordinator"].flush_all.remote(blob))
+
+    def metrics(self) -> dict[str, Any]:
+        """``{"total": {...}, "shards": [...]}``: lookup (read calls), read (store read
+        rounds), write (write calls), flush (distinct keys flushed), and more per shard."""
+        self.sync()
+        shards = list(self._scatter({s: _packb([Op.METRICS]) for s in range(self.num_shards)})
+                      .values())
+        return aggregate(shards)
+
+    def shutdown(self, disconnect: bool = False) -> dict[str, Any]:
+        """Flush everything, close the shards (and connectors if ``disconnect``), remove the
+        actors and return the final metrics. If a store fails, raise FlushError and keep
+        everything running so no write is lost; call again once the store is back."""
+        self.sync()
+        coordinator = self._spec["coordinator"]
+        shards = _get(coordinator.shutdown.remote(disconnect))
+        self._pool.close()
+        ray.kill(coordinator)
+        return aggregate(shards)
+
+
+def _get(ref: Any) -> Any:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        raise e.as_instanceof_cause() from None
+
+
+_TOTAL_SKIP = {"shard", "oldest_pending_ms", "last_errors"}
+
+
+def aggregate(shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Sum the shards' counters into ``total``; keep the per-shard records."""
+    total: dict[str, Any] = {}
+    for m in shards:
+        for k, v in m.items():
+            if k not in _TOTAL_SKIP and isinstance(v, (int, float)):
+                total[k] = total.get(k, 0) + v
+    total["oldest_pending_ms"] = max((m.get("oldest_pending_ms", 0.0) for m in shards),
+                                     default=0.0)
+    return {"total": total, "shards": list(shards)}
