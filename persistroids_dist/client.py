@@ -318,6 +318,8 @@ class Cache:
         """Flush everything, close the shards (and connectors if ``disconnect``), remove the
         actors and return the final metrics. If a store fails, raise FlushError and keep
         everything running so no write is lost; call again once the store is back."""
+        if self._pool.closed:
+            raise CacheClosedError(f"cache {self.name!r} was already shut down")
         self.sync()
         coordinator = self._spec["coordinator"]
         shards = _get(coordinator.shutdown.remote(disconnect))
@@ -331,6 +333,8 @@ def _get(ref: Any) -> Any:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:
         raise e.as_instanceof_cause() from None
+    except ray.exceptions.RayActorError as e:
+        raise CacheClosedError(f"the cache's coordinator is gone: {e}") from None
 
 
 _TOTAL_SKIP = {"shard", "oldest_pending_ms", "last_errors"}

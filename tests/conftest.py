@@ -1,0 +1,49 @@
+"""One local Ray instance for the whole test session, torn down at the end."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+
+import persistroids_dist as pd
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    if not ray.is_initialized():
+        pd.ensure_ray(num_cpus=2)
+    yield
+    leftover = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a.get("namespace") == "persistroids"] if ray.is_initialized() else []
+    ray.shutdown()
+    assert not leftover, f"tests left cache actors running: {leftover}"
+
+
+@pytest.fixture
+def make_cache(ray_session):
+    """Factory for caches that are shut down after the test even if it fails."""
+    made: list[pd.Cache] = []
+
+    def make(*args, **kwargs) -> pd.Cache:
+        kwargs.setdefault("num_shards", 2)
+        cache = pd.init(*args, **kwargs)
+        made.append(cache)
+        return cache
+
+    yield make
+    for cache in made:
+        try:
+            cache.shutdown()
+        except pd.CacheClosedError:
+            pass
+        except Exception:
+            # A test that left a failing store: force the actors away so the session ends clean.
+            for actor in ray.get(cache._spec["coordinator"].shards.remote()):
+                ray.kill(actor)
+            ray.kill(cache._spec["coordinator"])
+
+
+def services_required() -> bool:
+    return os.environ.get("PERSISTROIDS_REQUIRE_SERVICES") == "1"
