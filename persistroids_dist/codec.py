@@ -37,6 +37,8 @@ def _ext_default(obj: Any) -> Any:
     # Tuples are kept apart from lists so that a tuple key or value comes back as a tuple.
     if type(obj) is tuple:
         return msgpack.ExtType(_TUPLE_EXT, _packer_bytes(list(obj)))
+    if type(obj) is int:
+        raise TypeError(f"cannot encode integer {obj}: it does not fit in 64 bits")
     raise TypeError(
         f"cannot encode a value of type {type(obj).__module__}.{type(obj).__qualname__}; "
         "values must be None, bool, int, float, str, bytes, list, tuple or dict of those "
@@ -75,7 +77,7 @@ def encode_key(key: Any) -> bytes:
     _check_key(key)
     try:
         return _packer_bytes(key)
-    except OverflowError as e:
+    except (OverflowError, TypeError) as e:
         raise TypeError(f"invalid cache key {key!r}: {e}") from None
 
 

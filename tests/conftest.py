@@ -9,9 +9,14 @@ import ray
 
 import persistroids_dist as pd
 
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
 
 @pytest.fixture(scope="session")
 def ray_session():
+    # Ray workers must import test modules that define connectors and functions they run.
+    paths = [TESTS_DIR, os.path.dirname(TESTS_DIR), os.environ.get("PYTHONPATH", "")]
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     if not ray.is_initialized():
         pd.ensure_ray(num_cpus=2)
     yield
