@@ -17,7 +17,7 @@ import ray
 from ray import cloudpickle
 
 from .codec import decode_value
-from .errors import FlushError
+from .errors import FlushError, LeaseLostError
 from .shard import ShardCore
 from .transport import Op, ShardServer
 
@@ -40,15 +40,23 @@ class ShardHost:
         self.core = ShardCore(connectors, index=index, **options)
         self._dir = tempfile.mkdtemp(prefix="persistroids-")
         os.chmod(self._dir, 0o700)
+        # Exclusive leases: key -> [owner token, expiry (monotonic s), recall requested].
+        # Guarded by the core's lock, so a lease check and the operation it guards are atomic.
+        self._leases: dict[bytes, list[Any]] = {}
+        self._lease_cond = threading.Condition(self.core._lock)
+        self.lease_stats = {"leases_granted": 0, "recalls": 0, "leases_expired": 0}
         handlers = {
             Op.READ: self._read,
-            Op.READ_MANY: self.core.read_many,
+            Op.READ_MANY: self._read_many,
             Op.WRITE: self._write,
             Op.WRITE_MANY: self._write_many,
             Op.UPDATE: self._update,
             Op.FLUSH: lambda: self.core.flush(),
             Op.METRICS: self.metrics,
             Op.PING: lambda: self.index,
+            Op.LEASE: self._lease,
+            Op.RELEASE: self._release,
+            Op.POLL: self._poll,
         }
         self.server = ShardServer(handlers, secret,
                                   unix_path=os.path.join(self._dir, f"shard{index}.sock"),
@@ -68,22 +76,113 @@ class ShardHost:
             except Exception:  # counted in the core's metrics; keep ticking
                 log.exception("shard %d: timed flush failed", self.index)
 
+    # -- leases ------------------------------------------------------------------------------
+    def _wait_unleased(self, kbs: Any) -> None:
+        """Hold the caller until no other client owns any of ``kbs``. Call with the core lock
+        held: the wait releases it, and the caller's operation runs under the same hold."""
+        leases = self._leases
+        while True:
+            now = time.monotonic()
+            blocked = None
+            for kb in kbs:
+                rec = leases.get(kb)
+                if rec is None:
+                    continue
+                if rec[1] <= now:  # the owner stopped renewing: its lease is void
+                    del leases[kb]
+                    self.lease_stats["leases_expired"] += 1
+                    continue
+                if not rec[2]:
+                    rec[2] = True
+                    self.lease_stats["recalls"] += 1
+                blocked = rec
+            if blocked is None:
+                return
+            self._lease_cond.notify_all()  # wakes the owner's long poll
+            self._lease_cond.wait(max(0.0005, blocked[1] - now))
+
+    def _lease(self, kbs: list[bytes], owner: bytes, ttl_ms: float) -> list[bytes]:
+        """Grant ``owner`` exclusive use of ``kbs`` (recalling other owners first) and return
+        their current values."""
+        with self._lease_cond:
+            self._wait_unleased([kb for kb in kbs
+                                 if kb in self._leases and self._leases[kb][0] != owner])
+            expires = time.monotonic() + ttl_ms / 1000
+            out = [self.core.read(kb) for kb in kbs]
+            for kb in kbs:
+                self._leases[kb] = [owner, expires, False]
+            self.lease_stats["leases_granted"] += len(kbs)
+            return out
+
+    def _release(self, owner: bytes, items: list[list[Any]], kbs: list[bytes]) -> int:
+        """Apply the owner's buffered writes, then release ``kbs``. Refused, applying nothing,
+        if any written key's lease was lost (expired and taken over)."""
+        with self._lease_cond:
+            lost = [kb for kb, _, _ in items
+                    if self._leases.get(kb, (None,))[0] != owner]
+            if lost:
+                for kb in kbs:
+                    if self._leases.get(kb, (None,))[0] == owner:
+                        del self._leases[kb]
+                self._lease_cond.notify_all()
+                raise LeaseLostError(
+                    f"shard {self.index}: lease on {len(lost)} key(s) expired before their "
+                    f"writes were released; those writes were not applied: {lost[:3]!r}")
+            n = self.core.write_many(items) if items else 0
+            for kb in kbs:
+                if self._leases.get(kb, (None,))[0] == owner:
+                    del self._leases[kb]
+            self._lease_cond.notify_all()
+            return n
+
+    def _poll(self, owner: bytes, ttl_ms: float, wait_ms: float) -> list[bytes]:
+        """Renew ``owner``'s leases and return its recalled keys, waiting up to ``wait_ms`` for
+        a recall (a long poll: the owner hears of a recall as soon as it happens)."""
+        deadline = time.monotonic() + wait_ms / 1000
+        with self._lease_cond:
+            while True:
+                now = time.monotonic()
+                recalled = []
+                for kb, rec in self._leases.items():
+                    if rec[0] == owner:
+                        rec[1] = max(rec[1], now + ttl_ms / 1000)
+                        if rec[2]:
+                            recalled.append(kb)
+                if recalled or now >= deadline:
+                    return recalled
+                self._lease_cond.wait(deadline - now)
+
     # -- socket handlers --------------------------------------------------------------------
     def _read(self, kb: bytes, ab: bytes | None, ckpt: bytes | None = None) -> bytes:
-        if ckpt:
-            return self.core.read(kb, ab, checkpoint=_unpickle_checkpoint(ckpt))
-        return self.core.read(kb, ab)
+        with self._lease_cond:
+            if self._leases:
+                self._wait_unleased((kb,))
+            if ckpt:
+                return self.core.read(kb, ab, checkpoint=_unpickle_checkpoint(ckpt))
+            return self.core.read(kb, ab)
+
+    def _read_many(self, kbs: list[bytes], abs_: list[bytes | None] | None) -> list[bytes]:
+        with self._lease_cond:
+            if self._leases:
+                self._wait_unleased(kbs)
+            return self.core.read_many(kbs, abs_)
 
     def _write(self, kb: bytes, ab: bytes | None, vb: bytes, ckpt: bytes | None = None) -> None:
-        if ckpt:
-            self.core.write(kb, ab, vb, checkpoint=_unpickle_checkpoint(ckpt))
-        else:
-            self.core.write(kb, ab, vb)
+        with self._lease_cond:
+            if self._leases:
+                self._wait_unleased((kb,))
+            if ckpt:
+                self.core.write(kb, ab, vb, checkpoint=_unpickle_checkpoint(ckpt))
+            else:
+                self.core.write(kb, ab, vb)
 
     def _write_many(self, items: list[list[Any]], ckpt: bytes | None = None) -> int:
-        if ckpt:
-            return self.core.write_many(items, checkpoint=_unpickle_checkpoint(ckpt))
-        return self.core.write_many(items)
+        with self._lease_cond:
+            if self._leases:
+                self._wait_unleased([item[0] for item in items])
+            if ckpt:
+                return self.core.write_many(items, checkpoint=_unpickle_checkpoint(ckpt))
+            return self.core.write_many(items)
 
     def _update(self, kb: bytes, ab: bytes | None, digest: bytes, fn_blob: bytes | None) -> bytes:
         fn = self.core.function(digest)
@@ -92,7 +191,10 @@ class ShardHost:
                 raise LookupError(f"unknown update function {digest.hex()}")
             fn = cloudpickle.loads(fn_blob)
             self.core.register_function(digest, fn)
-        return self.core.update(kb, ab, fn)
+        with self._lease_cond:
+            if self._leases:
+                self._wait_unleased((kb,))
+            return self.core.update(kb, ab, fn)
 
     # -- control plane ----------------------------------------------------------------------
     def address(self) -> dict[str, Any]:
@@ -106,6 +208,8 @@ class ShardHost:
     def metrics(self) -> dict[str, Any]:
         m = self.core.metrics()
         m["shard"] = self.index
+        m.update(self.lease_stats)
+        m["leased_keys"] = len(self._leases)
         m["auth_failures"] = self.server.auth_failures
         m["connections"] = self.server.connections
         return m

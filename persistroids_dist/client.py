@@ -9,7 +9,10 @@ process sees its own writes in order (read-your-writes).
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -18,7 +21,7 @@ import ray
 from ray import cloudpickle
 
 from .codec import NUM_SLOTS, decode_value, encode_key, encode_value, slot_of
-from .errors import CacheClosedError
+from .errors import CacheClosedError, LeaseLostError
 from .transport import Connection, Op
 
 __all__ = ["Cache", "NAMESPACE"]
@@ -28,6 +31,11 @@ NAMESPACE = "persistroids"
 
 _packb = msgpack.packb
 _NO_CHECKPOINT = object()
+_monotonic = time.monotonic
+# Values of these types can be handed out from a local copy without decoding it again:
+# the caller cannot mutate them.
+_IMMUTABLE = frozenset((int, float, str, bytes, bool, type(None)))
+_NO_VALUE = object()
 
 
 def slot_table(num_shards: int) -> list[int]:
@@ -44,6 +52,14 @@ class _Pool:
         self.conns: list[Connection | None] = [None] * spec["num_shards"]
         self.lock = threading.Lock()
         self.closed = False
+        self.near: NearCache | None = None
+        # Keys this process owns under an exclusive lease: kb -> [value, vb, dirty, shard, ab].
+        self.owned: dict[bytes, list[Any]] = {}
+        self.owned_lock = threading.Lock()
+        self.owner = os.urandom(16)
+        self.lease_ttl_ms = 5000.0
+        self.lease_errors: list[BaseException] = []
+        self.pollers: dict[int, threading.Thread] = {}
 
     def conn(self, shard: int) -> Connection:
         c = self.conns[shard]
@@ -83,6 +99,83 @@ class _Pool:
             for i in range(len(self.conns)):
                 self.drop(i)
 
+    def take_owned(self, kbs: Iterable[bytes]) -> dict[int, tuple[list[Any], list[bytes]]]:
+        """Stop owning ``kbs``; return per shard the dirty writes to push and the keys."""
+        out: dict[int, tuple[list[Any], list[bytes]]] = {}
+        with self.owned_lock:
+            for kb in kbs:
+                e = self.owned.pop(kb, None)
+                if e is None:
+                    continue
+                if self.near is not None:  # keep read-your-writes once the lease is gone
+                    self.near.put(kb, e[1])
+                items, keys = out.setdefault(e[3], ([], []))
+                keys.append(kb)
+                if e[2]:
+                    items.append([kb, e[4], e[1]])
+        return out
+
+    def ensure_poller(self, shard: int) -> None:
+        with self.lock:
+            t = self.pollers.get(shard)
+            if t is None or not t.is_alive():
+                t = threading.Thread(target=self._poll_loop, args=(shard,), daemon=True,
+                                     name=f"persistroids-lease-{shard}")
+                self.pollers[shard] = t
+                t.start()
+
+    def _poll_loop(self, shard: int) -> None:
+        """Renew this process's leases on ``shard`` and answer recalls as soon as they come
+        (a long poll on a connection of its own)."""
+        conn = None
+        try:
+            conn = Connection(self.addresses[shard], self.spec["secret"])
+            while not self.closed:
+                with self.owned_lock:
+                    if not any(e[3] == shard for e in self.owned.values()):
+                        return
+                ttl = self.lease_ttl_ms
+                recalled = conn.call(_packb([Op.POLL, self.owner, ttl, ttl / 4]))
+                if recalled:
+                    # Keys no longer owned here are released too: the shard still has them.
+                    items = self.take_owned(recalled).get(shard, ([], []))[0]
+                    conn.call(_packb([Op.RELEASE, self.owner, items, recalled]))
+        except LeaseLostError as e:
+            self.lease_errors.append(e)
+        except (ConnectionError, OSError) as e:
+            if not self.closed:
+                self.lease_errors.append(e)
+        finally:
+            if conn is not None:
+                conn.close()
+            with self.lock:
+                if self.pollers.get(shard) is threading.current_thread():
+                    del self.pollers[shard]
+
+
+class NearCache:
+    """A process-local copy of recently read values, each trusted for ``lease_ms``.
+
+    Guarantees: read-your-writes (this process's writes update it) and bounded staleness (a
+    value another process wrote is seen at most ``lease_ms`` after it was applied).
+    """
+
+    def __init__(self, lease_ms: float, max_entries: int) -> None:
+        if lease_ms <= 0 or max_entries < 1:
+            raise ValueError("near cache needs lease_ms > 0 and max_entries >= 1")
+        self.ttl = lease_ms / 1000
+        self.max_entries = max_entries
+        self.entries: OrderedDict[bytes, tuple[bytes, float, Any]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def put(self, kb: bytes, vb: bytes, value: Any = _NO_VALUE) -> None:
+        entries = self.entries
+        entries[kb] = (vb, _monotonic() + self.ttl,
+                       value if type(value) in _IMMUTABLE else _NO_VALUE)
+        if len(entries) > self.max_entries:
+            entries.popitem(last=False)
+
 
 _POOLS: dict[tuple[str, bytes], _Pool] = {}
 _POOLS_LOCK = threading.Lock()
@@ -99,8 +192,8 @@ def _pool_for(spec: dict[str, Any]) -> _Pool:
     return pool
 
 
-def _rebuild(spec: dict[str, Any]) -> Cache:
-    return Cache(spec)
+def _rebuild(spec: dict[str, Any], near: tuple[float, int] | None = None) -> Cache:
+    return Cache(spec, near)
 
 
 class Cache:
@@ -113,7 +206,7 @@ class Cache:
     waits for that one write). ``update`` and every read wait for the shard's answer.
     """
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: dict[str, Any], near: tuple[float, int] | None = None) -> None:
         self._spec = spec
         self.name: str = spec["name"]
         self.num_shards: int = spec["num_shards"]
@@ -121,9 +214,25 @@ class Cache:
         self._table = slot_table(self.num_shards)
         self._pool = _pool_for(spec)
         self._fns: dict[int, tuple[Any, bytes, bytes]] = {}
+        self._near_opts = near
+        self._near: NearCache | None = None
+        if near is not None:
+            pool = self._pool
+            if pool.near is None or pool.near.ttl != near[0] / 1000:
+                pool.near = NearCache(*near)
+            self._near = pool.near
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (self._spec,))
+        return (_rebuild, (self._spec, self._near_opts))
+
+    def near(self, lease_ms: float = 50.0, max_entries: int = 100_000) -> Cache:
+        """A handle whose reads are served from a near cache in this process.
+
+        A value read (or written) here is reused for ``lease_ms`` without asking its shard:
+        this process reads its own writes, and sees another process's write at most
+        ``lease_ms`` late (bounded staleness). Use ``lease()`` when no staleness is allowed.
+        """
+        return Cache(self._spec, near=(float(lease_ms), int(max_entries)))
 
     def __repr__(self) -> str:
         return f"Cache(name={self.name!r}, num_shards={self.num_shards})"
@@ -163,12 +272,29 @@ class Cache:
         """Return the value for ``args``: from the cache, else the stores (merged), else
         ``init_fn(args)``. A cached None is a hit."""
         kb, ab = self._encode(args)
+        pool = self._pool
+        if pool.owned:
+            e = pool.owned.get(kb)
+            if e is not None:  # an exclusive lease: this process holds the only copy
+                value = e[0]
+                return value if type(value) in _IMMUTABLE else decode_value(e[1])
+        near = self._near
+        if near is not None and checkpoint is _NO_CHECKPOINT:
+            hit = near.entries.get(kb)
+            if hit is not None and hit[1] > _monotonic():
+                near.hits += 1
+                return decode_value(hit[0]) if hit[2] is _NO_VALUE else hit[2]
+            near.misses += 1
         shard = self._table[slot_of(kb)]
         if checkpoint is _NO_CHECKPOINT:
             frame = _packb([Op.READ, kb, ab])
         else:
             frame = _packb([Op.READ, kb, ab, cloudpickle.dumps(checkpoint)])
-        return decode_value(self._call(shard, frame, retry=True))
+        vb = self._call(shard, frame, retry=True)
+        value = decode_value(vb)
+        if near is not None:
+            near.put(kb, vb, value)
+        return value
 
     def read_many(self, args_list: Iterable[Any]) -> list[Any]:
         """Read many keys with one round trip per shard (all shards in parallel)."""
@@ -219,6 +345,15 @@ class Cache:
         """
         kb, ab = self._encode(args)
         vb = encode_value(value)
+        pool = self._pool
+        if pool.owned:
+            with pool.owned_lock:
+                e = pool.owned.get(kb)
+                if e is not None:  # owned: stays here until release or recall
+                    e[0], e[1], e[2] = value if type(value) in _IMMUTABLE else None, vb, True
+                    return value
+        if pool.near is not None:
+            pool.near.put(kb, vb, value)
         shard = self._table[slot_of(kb)]
         if checkpoint is _NO_CHECKPOINT:
             frame = _packb([Op.WRITE, kb, ab, vb])
@@ -244,9 +379,12 @@ class Cache:
         sent. Returns once every shard has applied its part.
         """
         groups: dict[int, list[list[Any]]] = {}
+        pool = self._pool
         for args, value in items:
             kb, ab = self._encode(args)
             entry = [kb, ab, encode_value(value)]
+            if pool.near is not None:
+                pool.near.put(kb, entry[2], value)
             g = groups.get(s := self._table[slot_of(kb)])
             if g is None:
                 groups[s] = [entry]
@@ -259,6 +397,17 @@ class Cache:
         """Atomically set the value of ``args`` to ``fn(value)`` inside the owning shard and
         return the new value. ``fn`` is shipped once per process and shard, then reused."""
         kb, ab = self._encode(args)
+        pool = self._pool
+        if pool.owned:
+            with pool.owned_lock:
+                e = pool.owned.get(kb)
+                if e is not None:
+                    if not callable(fn):
+                        raise TypeError(f"update needs a callable, got {type(fn).__qualname__}")
+                    value = fn(decode_value(e[1]))
+                    vb = encode_value(value)
+                    e[0], e[1], e[2] = value if type(value) in _IMMUTABLE else None, vb, True
+                    return value
         shard = self._table[slot_of(kb)]
         digest, blob = self._function(fn)
         conn = self._pool.conn(shard)
@@ -270,7 +419,23 @@ class Cache:
         except (ConnectionError, OSError) as e:
             self._pool.drop(shard)
             raise ConnectionError(f"cache {self.name!r}: lost shard {shard}: {e}") from e
-        return decode_value(vb)
+        value = decode_value(vb)
+        if pool.near is not None:
+            pool.near.put(kb, vb, value)
+        return value
+
+    # -- exclusive leases -------------------------------------------------------------------
+    def lease(self, *args_list: Any, ttl_ms: float = 5000.0) -> Lease:
+        """Own ``args_list``'s keys exclusively, as a CPU core owns a cache line.
+
+        Use as a context manager. While held, this process's ``read``/``write``/``update`` of
+        those keys run in-process (no round trip); any other process touching them makes the
+        shard recall the lease: the owner's buffered writes go to the shard first, so nobody
+        reads a stale value. Writes also go back on exit and at ``shutdown``. The lease is
+        renewed in the background; if this process stalls past ``ttl_ms``, it expires and its
+        unreleased writes are refused with LeaseLostError (raised at release or ``sync``).
+        """
+        return Lease(self, list(args_list), ttl_ms)
 
     def _function(self, fn: Callable[[Any], Any]) -> tuple[bytes, bytes]:
         hit = self._fns.get(id(fn))
@@ -294,6 +459,18 @@ class Cache:
             if conn is not None and not conn.closed:
                 with conn.lock:
                     conn.sync()
+        errors = self._pool.lease_errors
+        if errors:
+            first = errors[0]
+            del errors[:]
+            raise first
+
+    def _push_owned(self, per_shard: dict[int, tuple[list[Any], list[bytes]]],
+                    release: bool = True) -> None:
+        frames = {s: _packb([Op.RELEASE, self._pool.owner, items, keys if release else []])
+                  for s, (items, keys) in per_shard.items()}
+        if frames:
+            self._scatter(frames)
 
     def flush_now(self, *, checkpoint: Any = _NO_CHECKPOINT) -> Any:
         """Write every buffered write of every shard to the stores, then return.
@@ -304,6 +481,7 @@ class Cache:
         """
         self.sync()
         blob = None if checkpoint is _NO_CHECKPOINT else cloudpickle.dumps(checkpoint)
+        self._push_owned(self._pool.take_owned(list(self._pool.owned)))
         return _get(self._spec["coordinator"].flush_all.remote(blob))
 
     def metrics(self) -> dict[str, Any]:
@@ -320,12 +498,80 @@ class Cache:
         everything running so no write is lost; call again once the store is back."""
         if self._pool.closed:
             raise CacheClosedError(f"cache {self.name!r} was already shut down")
+        self._push_owned(self._pool.take_owned(list(self._pool.owned)))
         self.sync()
         coordinator = self._spec["coordinator"]
         shards = _get(coordinator.shutdown.remote(disconnect))
         self._pool.close()
         ray.kill(coordinator)
         return aggregate(shards)
+
+
+class Lease:
+    """An exclusive lease on some keys; see ``Cache.lease``."""
+
+    def __init__(self, cache: Cache, args_list: list[Any], ttl_ms: float) -> None:
+        if ttl_ms <= 0:
+            raise ValueError(f"ttl_ms must be > 0, got {ttl_ms!r}")
+        if not args_list:
+            raise ValueError("lease() needs at least one key")
+        self.cache = cache
+        self.ttl_ms = ttl_ms
+        self.keys = [cache._encode(a) for a in args_list]
+        self.held = False
+
+    def acquire(self) -> Lease:
+        cache, pool = self.cache, self.cache._pool
+        pool.lease_ttl_ms = self.ttl_ms
+        groups: dict[int, list[tuple[bytes, bytes | None]]] = {}
+        for kb, ab in self.keys:
+            if kb in pool.owned:
+                raise ValueError("a key of this lease is already leased by this process")
+            groups.setdefault(cache._table[slot_of(kb)], []).append((kb, ab))
+        cache.sync()  # our pipelined writes to these keys land before the lease is taken
+        values = cache._scatter({s: _packb([Op.LEASE, [kb for kb, _ in g], pool.owner,
+                                            self.ttl_ms]) for s, g in groups.items()})
+        with pool.owned_lock:
+            for s, g in groups.items():
+                for (kb, ab), vb in zip(g, values[s]):
+                    value = decode_value(vb)
+                    pool.owned[kb] = [value if type(value) in _IMMUTABLE else None,
+                                      vb, False, s, ab]
+        for s in groups:
+            pool.ensure_poller(s)
+        self.held = True
+        return self
+
+    def flush(self) -> None:
+        """Send the writes made under this lease to the shards, keeping the lease."""
+        pool = self.cache._pool
+        per_shard: dict[int, tuple[list[Any], list[bytes]]] = {}
+        with pool.owned_lock:
+            for kb, ab in self.keys:
+                e = pool.owned.get(kb)
+                if e is not None and e[2]:
+                    per_shard.setdefault(e[3], ([], []))[0].append([kb, ab, e[1]])
+                    e[2] = False
+        self.cache._push_owned(per_shard, release=False)
+
+    def release(self) -> None:
+        """Send the writes made under this lease to the shards and give the keys back."""
+        if not self.held:
+            return
+        self.held = False
+        pool = self.cache._pool
+        self.cache._push_owned(pool.take_owned([kb for kb, _ in self.keys]))
+        errors = pool.lease_errors
+        if errors:
+            first = errors[0]
+            del errors[:]
+            raise first
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _get(ref: Any) -> Any:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["AuthenticationError", "CacheClosedError", "FlushError", "PersistroidsError",
-           "RemoteError"]
+__all__ = ["AuthenticationError", "CacheClosedError", "FlushError", "LeaseLostError",
+           "PersistroidsError", "RemoteError"]
 
 
 class PersistroidsError(Exception):
@@ -29,6 +29,10 @@ class RemoteError(PersistroidsError):
 
 class AuthenticationError(PersistroidsError):
     """A peer did not prove the cache's secret."""
+
+
+class LeaseLostError(PersistroidsError):
+    """An exclusive lease expired (its owner stopped renewing) before its writes came back."""
 
 
 class CacheClosedError(PersistroidsError):
