@@ -158,6 +158,7 @@ class PostgresConnector(BaseConnector):
         qualified = f"{self.schema}.{self.table}" if self.schema else self.table
         self.id = id or f"postgres:{qualified}"
         self._pool: ConnectionPool | None = None
+        self._ready = False  # table created/checked by connect()
         self._build_sql(qualified)
 
     # -- SQL, built once from validated identifiers --------------------------------------
@@ -198,6 +199,7 @@ class PostgresConnector(BaseConnector):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_pool"] = None  # pools and sockets stay in the process that opened them
+        state["_ready"] = False
         return state
 
     def __repr__(self) -> str:
@@ -260,9 +262,14 @@ class PostgresConnector(BaseConnector):
 
     def connect(self) -> None:
         """Open the pool and create (or check) the table."""
-        if self._pool is not None:
+        if self._ready:
             return
-        self._run(self._setup)
+        try:
+            self._run(self._setup)
+        except BaseException:
+            self._reset_pool()  # no pool threads left behind by a connector that failed
+            raise
+        self._ready = True
 
     def _setup(self, conn: psycopg.Connection[Any]) -> None:
         with conn.transaction():
@@ -295,6 +302,7 @@ class PostgresConnector(BaseConnector):
     def disconnect(self) -> None:
         """Close the pool (a later call reconnects)."""
         self._reset_pool()
+        self._ready = False
 
     # -- keys and values ------------------------------------------------------------------
     def _key(self, args: Any) -> tuple[Any, ...]:
@@ -315,6 +323,8 @@ class PostgresConnector(BaseConnector):
     def read(self, args: Any) -> Any:
         """The value stored for ``args``, or None."""
         params = self._key(args)
+        if not self._ready:
+            self.connect()
         row = self._run(lambda conn: conn.execute(self._sql_read, params).fetchone())
         return None if row is None else self._decode(row[0])
 
@@ -332,6 +342,8 @@ class PostgresConnector(BaseConnector):
                                           [unique[i:i + _READ_CHUNK]]).fetchall())
             return found
 
+        if unique and not self._ready:
+            self.connect()
         found = self._run(fetch) if unique else {}
         return [None if (v := found.get(k)) is None else self._decode(v) for k in keys]
 
@@ -346,8 +358,10 @@ class PostgresConnector(BaseConnector):
         """Upsert ``payloads`` in one transaction (COPY to a temp table, then one upsert)."""
         if not payloads:
             return
-        rows = dict(payloads)  # one row per key, the later payload winning (ON CONFLICT
-        # cannot touch a row twice in one statement)
+        if not self._ready:
+            self.connect()
+        # One row per key, the later payload winning (ON CONFLICT cannot touch a row twice).
+        rows = dict(payloads)
 
         def op(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction():
