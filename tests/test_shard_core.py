@@ -273,6 +273,25 @@ def test_write_of_the_flushed_key_during_its_flush_is_not_lost() -> None:
     assert conn.store == {"a": 2}
 
 
+@pytest.mark.xfail(strict=True, reason="library bug: ShardCore._evict, run by a write during a "
+                   "flush, drops entries whose payloads are in that flush; if it fails they "
+                   "are pending but uncached, and reading them raises FlushError")
+def test_entries_in_a_failing_flush_stay_cached_when_a_write_races_it() -> None:
+    conn = ReentrantConnector()
+    conn.failing = True
+    core = make_core([conn], max_entries=3)
+    conn.core = core
+    for i, k in enumerate("cad"):
+        core.put(k, i)
+    conn.reenter = ("b", 9)  # a 4th entry arrives while c, a, d are being flushed
+    with pytest.raises(FlushError):
+        core.flush()
+    assert core.metrics()["pending"] == 4
+    # "Entries with pending writes are never dropped" (ShardCore's docstring).
+    assert core.contains(kb("c"))
+    assert core.get("c") == 0  # the store is still down: only the cache has it
+
+
 # -- eviction -----------------------------------------------------------------------------
 
 
