@@ -300,21 +300,41 @@ class Cache:
         """Read many keys with one round trip per shard (all shards in parallel)."""
         groups: dict[int, tuple[list[int], list[bytes], list[bytes | None]]] = {}
         n = 0
+        near = self._near
+        owned = self._pool.owned
+        out: list[Any] = []
         for i, args in enumerate(args_list):
             kb, ab = self._encode(args)
+            n = i + 1
+            out.append(None)
+            e = owned.get(kb) if owned else None
+            if e is not None:
+                out[i] = e[0] if type(e[0]) in _IMMUTABLE else decode_value(e[1])
+                continue
+            if near is not None:
+                hit = near.entries.get(kb)
+                if hit is not None and hit[1] > _monotonic():
+                    near.hits += 1
+                    out[i] = decode_value(hit[0]) if hit[2] is _NO_VALUE else hit[2]
+                    continue
+                near.misses += 1
             g = groups.get(s := self._table[slot_of(kb)])
             if g is None:
                 g = groups[s] = ([], [], [])
             g[0].append(i)
             g[1].append(kb)
             g[2].append(ab)
-            n = i + 1
-        out: list[Any] = [None] * n
+        del out[n:]
+        if not groups:
+            return out
         results = self._scatter({s: _packb([Op.READ_MANY, g[1], g[2] if self._cache_key else None])
                                  for s, g in groups.items()})
         for s, res in results.items():
-            for i, vb in zip(groups[s][0], res):
-                out[i] = decode_value(vb)
+            kbs = groups[s][1]
+            for j, (i, vb) in enumerate(zip(groups[s][0], res)):
+                out[i] = value = decode_value(vb)
+                if near is not None:
+                    near.put(kbs[j], vb, value)
         return out
 
     def _scatter(self, frames: dict[int, bytes]) -> dict[int, Any]:
