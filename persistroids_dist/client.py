@@ -413,32 +413,44 @@ class Cache:
         results = self._scatter({s: _packb([Op.WRITE_MANY, g]) for s, g in groups.items()})
         return sum(results.values())
 
-    def update(self, args: Any, fn: Callable[[Any], Any]) -> Any:
+    def update(self, args: Any, fn: Callable[[Any], Any], *, wait: bool = True) -> Any:
         """Atomically set the value of ``args`` to ``fn(value)`` inside the owning shard and
-        return the new value. ``fn`` is shipped once per process and shard, then reused."""
+        return the new value. ``fn`` is shipped once per process and shard, then reused.
+
+        ``wait=False`` pipelines the update like ``write`` and returns None: no round trip per
+        call; ``sync()`` waits for it and raises an error ``fn`` raised.
+        """
         kb, ab = self._encode(args)
         pool = self._pool
+        if not callable(fn):
+            raise TypeError(f"update needs a callable, got {type(fn).__qualname__}")
         if pool.owned:
             with pool.owned_lock:
                 e = pool.owned.get(kb)
                 if e is not None:
-                    if not callable(fn):
-                        raise TypeError(f"update needs a callable, got {type(fn).__qualname__}")
                     value = fn(decode_value(e[1]))
                     vb = encode_value(value)
                     e[0], e[1], e[2] = value if type(value) in _IMMUTABLE else None, vb, True
-                    return value
+                    return value if wait else None
         shard = self._table[slot_of(kb)]
         digest, blob = self._function(fn)
-        conn = self._pool.conn(shard)
+        conn = pool.conn(shard)
         try:
             with conn.lock:
-                known = digest in conn.known_functions
-                vb = conn.call(_packb([Op.UPDATE, kb, ab, digest, None if known else blob]))
+                frame = _packb([Op.UPDATE, kb, ab, digest,
+                                None if digest in conn.known_functions else blob])
+                if wait:
+                    vb = conn.call(frame)
+                else:
+                    conn.send(frame)  # later frames on this connection find fn registered
                 conn.known_functions.add(digest)
         except (ConnectionError, OSError) as e:
-            self._pool.drop(shard)
+            pool.drop(shard)
             raise ConnectionError(f"cache {self.name!r}: lost shard {shard}: {e}") from e
+        if not wait:
+            if pool.near is not None:
+                pool.near.entries.pop(kb, None)
+            return None
         value = decode_value(vb)
         if pool.near is not None:
             pool.near.put(kb, vb, value)
@@ -461,8 +473,6 @@ class Cache:
         hit = self._fns.get(id(fn))
         if hit is not None and hit[0] is fn:
             return hit[1], hit[2]
-        if not callable(fn):
-            raise TypeError(f"update needs a callable, got {type(fn).__qualname__}")
         blob = cloudpickle.dumps(fn)
         digest = hashlib.blake2b(blob, digest_size=16).digest()
         if len(self._fns) > 1024:
