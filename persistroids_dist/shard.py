@@ -96,6 +96,7 @@ class ShardCore:
         self._bytes = 0
         self._pending: dict[str, dict[bytes, Any]] = {cid: {} for cid in ids}
         self._dirty: set[bytes] = set()
+        self._inflight: set[bytes] = set()  # keys whose payloads a running flush holds
         self._oldest_pending: float | None = None
         self._retry_at = 0.0
         self._backoff = 0.0
@@ -133,21 +134,22 @@ class ShardCore:
             self._bytes += len(kb)
         entries[kb] = vb
         self._bytes += len(vb)
-        if len(entries) > self.max_entries or (
-            self.max_bytes is not None and self._bytes > self.max_bytes
-        ):
+        if self._over_capacity():
             self._evict()
+
+    def _over_capacity(self) -> bool:
+        return len(self._entries) > self.max_entries or (
+            self.max_bytes is not None and self._bytes > self.max_bytes)
 
     def _evict(self) -> None:
         entries = self._entries
         flushed = False
-        while len(entries) > 1 and (
-            len(entries) > self.max_entries
-            or (self.max_bytes is not None and self._bytes > self.max_bytes)
-        ):
+        while len(entries) > 1 and self._over_capacity():
             kb = next(iter(entries))
-            if kb in self._dirty:
-                if flushed:  # the flush failed: keep it rather than drop unpersisted data
+            if kb in self._dirty or kb in self._inflight:
+                if flushed or self._inflight:
+                    # The flush failed, or one is running (this write came from inside it):
+                    # stay over capacity rather than drop data that is not yet persisted.
                     self.c["over_capacity"] += 1
                     return
                 self._flush(explicit=False)
@@ -202,6 +204,9 @@ class ShardCore:
         value = self.merge_query_fn(*results) if results else None
         if value is None and self.init_fn is not None:
             value = self.init_fn(args)  # cached, never persisted
+        existing = self._entries.get(kb)
+        if existing is not None:  # get-or-create: an entry written meanwhile wins
+            return existing
         vb = encode_value(value)
         self._put(kb, vb)
         return vb
@@ -297,6 +302,8 @@ class ShardCore:
             return self._flush(explicit=True)
 
     def _flush(self, explicit: bool) -> Any:
+        if self._inflight:  # re-entered from a connector during a flush: let that one finish
+            return 0
         # Take the buffer first, so a write arriving during the connector calls lands in a
         # fresh buffer and is never lost (the seed read, flushed, then reset).
         snapshot, self._pending = self._pending, {cid: {} for cid in self._ids}
@@ -307,22 +314,15 @@ class ShardCore:
         self.c["flush_calls"] += 1
         failed: dict[str, BaseException] = {}
         failed_keys: set[bytes] = set()
-        for conn, cid in zip(self.connectors, self._ids):
-            payloads = snapshot[cid]
-            try:
-                self._call(conn.flush, list(payloads.values()))
-            except Exception as e:  # keep this connector's payloads for the next attempt
-                failed[cid] = e
-                failed_keys.update(payloads)
-                self.last_errors[cid] = f"{type(e).__name__}: {e}"
-                self.c["flush_errors"] += 1
-                log.warning("shard %d: flush of %d payloads to %s failed: %r",
-                            self.index, len(payloads), cid, e)
-                pending = self._pending[cid]
-                merged = dict(payloads)
-                merged.update(pending)  # newer writes since the snapshot win
-                self._pending[cid] = merged
+        self._inflight = dirty
+        try:
+            for conn, cid in zip(self.connectors, self._ids):
+                self._flush_one(conn, cid, snapshot[cid], failed, failed_keys)
+        finally:
+            self._inflight = set()
         self.c["flush"] += len(dirty) - len(failed_keys)
+        if not failed and self._over_capacity():  # a write during the flush went over
+            self._evict()
         if failed:
             self._dirty |= failed_keys
             self._oldest_pending = oldest
@@ -345,6 +345,21 @@ class ShardCore:
                 log.exception("shard %d: checkpoint handler failed", self.index)
                 return 0
         return len(dirty)
+
+    def _flush_one(self, conn: Connector, cid: str, payloads: dict[bytes, Any],
+                   failed: dict[str, BaseException], failed_keys: set[bytes]) -> None:
+        try:
+            self._call(conn.flush, list(payloads.values()))
+        except Exception as e:  # keep this connector's payloads for the next attempt
+            failed[cid] = e
+            failed_keys.update(payloads)
+            self.last_errors[cid] = f"{type(e).__name__}: {e}"
+            self.c["flush_errors"] += 1
+            log.warning("shard %d: flush of %d payloads to %s failed: %r",
+                        self.index, len(payloads), cid, e)
+            merged = dict(payloads)
+            merged.update(self._pending[cid])  # newer writes since the snapshot win
+            self._pending[cid] = merged
 
     # -- introspection and shutdown -------------------------------------------------------
     def metrics(self) -> dict[str, Any]:

@@ -222,3 +222,23 @@ def test_shutdown_flushes_removes_actors_and_closes_the_handle(ray_session, tmp_
         cache.read("k1")
     with pytest.raises(pd.CacheClosedError):
         cache.shutdown()
+
+
+@ray.remote
+def pipelined_increments(cache, keys, rounds):
+    add = lambda v: v + 1  # noqa: E731
+    for i in range(rounds):
+        cache.update(keys[i % len(keys)], add, wait=False)
+    cache.sync()
+    return rounds
+
+
+def test_pipelined_updates_are_exact_after_sync_and_errors_surface(make_cache):
+    cache = make_cache(init_fn=lambda args: 0, num_shards=2)
+    keys = [f"p{i}" for i in range(7)]
+    assert sum(ray.get([pipelined_increments.remote(cache, keys, 700) for _ in range(3)])) == 2100
+    assert cache.read_many(keys) == [300] * 7
+    assert cache.update("p0", lambda v: v / 0, wait=False) is None
+    with pytest.raises(ZeroDivisionError):
+        cache.sync()
+    assert cache.read("p0") == 300  # the failed update changed nothing

@@ -273,9 +273,6 @@ def test_write_of_the_flushed_key_during_its_flush_is_not_lost() -> None:
     assert conn.store == {"a": 2}
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: ShardCore._evict, run by a write during a "
-                   "flush, drops entries whose payloads are in that flush; if it fails they "
-                   "are pending but uncached, and reading them raises FlushError")
 def test_entries_in_a_failing_flush_stay_cached_when_a_write_races_it() -> None:
     conn = ReentrantConnector()
     conn.failing = True
@@ -399,8 +396,6 @@ class ReadWritesBackConnector(DictConnector):
         return value
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: ShardCore._load overwrites an entry that "
-                   "appeared while the stores were read (no get-or-create)")
 def test_get_or_create_an_entry_written_during_the_store_read_wins() -> None:
     conn = ReadWritesBackConnector()
     core = make_core([conn])
