@@ -51,7 +51,7 @@ class ShardHost:
             Op.WRITE: self._write,
             Op.WRITE_MANY: self._write_many,
             Op.UPDATE: self._update,
-            Op.FLUSH: lambda: self.core.flush(),
+            Op.FLUSH: self.core.flush_count,
             Op.METRICS: self.metrics,
             Op.PING: lambda: self.index,
             Op.LEASE: self._lease,
@@ -200,10 +200,9 @@ class ShardHost:
     def address(self) -> dict[str, Any]:
         return self._address
 
-    def flush(self, checkpoint_blob: bytes | None = None) -> Any:
-        if checkpoint_blob:
-            return self.core.flush(checkpoint=_unpickle_checkpoint(checkpoint_blob))
-        return self.core.flush()
+    def flush(self) -> int:
+        """Flush this shard; return the number of distinct keys flushed."""
+        return self.core.flush_count()
 
     def metrics(self) -> dict[str, Any]:
         m = self.core.metrics()
@@ -256,8 +255,7 @@ class Coordinator:
         Returns the handler's result when a checkpoint ran, else the number of keys flushed;
         None when nothing was pending (the seed's flush-now contract).
         """
-        results = ray.get([s.flush.remote() for s in self._shards])
-        flushed = sum(r for r in results if isinstance(r, int))
+        flushed = sum(ray.get([s.flush.remote() for s in self._shards]))
         if flushed == 0:
             return None
         if checkpoint_blob and self._handler is not None:

@@ -101,6 +101,8 @@ class ShardCore:
         self._retry_at = 0.0
         self._backoff = 0.0
         self._checkpoint: Any = _UNSET
+        self._ran_checkpoint = False
+        self.last_checkpoint_result: Any = None
         self._functions: dict[bytes, Callable[[Any], Any]] = {}
         self.c: dict[str, int] = dict.fromkeys(
             ("lookup", "read", "write", "flush", "hits", "misses", "evictions", "updates",
@@ -290,6 +292,12 @@ class ShardCore:
         with self._lock:
             self._check_thresholds()
 
+    def flush_count(self) -> int:
+        """Flush every pending write now and return the number of distinct keys flushed
+        (a recorded checkpoint still runs); raise FlushError if a connector failed."""
+        with self._lock:
+            return self._flush(explicit=True)
+
     def flush(self, checkpoint: Any = _UNSET) -> Any:
         """Flush every pending write now; raise FlushError if a connector failed.
 
@@ -299,9 +307,11 @@ class ShardCore:
         with self._lock:
             if checkpoint is not _UNSET:
                 self._checkpoint = checkpoint
-            return self._flush(explicit=True)
+            flushed = self._flush(explicit=True)
+            return self.last_checkpoint_result if self._ran_checkpoint else flushed
 
     def _flush(self, explicit: bool) -> Any:
+        self._ran_checkpoint = False
         if self._inflight:  # re-entered from a connector during a flush: let that one finish
             return 0
         # Take the buffer first, so a write arriving during the connector calls lands in a
@@ -335,15 +345,14 @@ class ShardCore:
         self._retry_at = 0.0
         if self.checkpoint_handler is not None and self._checkpoint is not _UNSET:
             try:
-                result = self.checkpoint_handler(self._checkpoint)
+                self.last_checkpoint_result = self.checkpoint_handler(self._checkpoint)
+                self._ran_checkpoint = True
                 self.c["checkpoints"] += 1
-                return result
             except Exception:
                 self.c["checkpoint_errors"] += 1
                 if explicit:
                     raise
                 log.exception("shard %d: checkpoint handler failed", self.index)
-                return 0
         return len(dirty)
 
     def _flush_one(self, conn: Connector, cid: str, payloads: dict[bytes, Any],
