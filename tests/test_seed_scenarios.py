@@ -421,7 +421,7 @@ def test_fibonacci_checkpoints_stay_consistent_with_the_data(make_cache, tmp_pat
     while True:
         n2 = cache.read("fib", checkpoint=n1)
         if i == 0:
-            cache.flush_now(checkpoint=n1)  # its result: see the test after this one
+            assert cache.flush_now(checkpoint=n1) == {"primary": {"fib": 5}, "secondary": 8}
             assert _db_snapshot(path) == {"primary": {"fib": 5}, "secondary": 8}
         else:
             assert _db_snapshot(path) == initial  # no flush yet, no checkpoint
