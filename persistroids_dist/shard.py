@@ -179,17 +179,54 @@ class ShardCore:
                   ) -> list[bytes]:
         with self._lock:
             entries = self._entries
-            out = []
+            out: list[Any] = []
+            missing: list[int] = []
             for i, kb in enumerate(kbs):
-                self.c["lookup"] += 1
                 vb = entries.get(kb)
                 if vb is None:
-                    vb = self._load(kb, None if abs_ is None else abs_[i])
+                    missing.append(i)
                 else:
-                    self.c["hits"] += 1
                     entries.move_to_end(kb)
                 out.append(vb)
+            self.c["lookup"] += len(kbs)
+            self.c["hits"] += len(kbs) - len(missing)
+            if missing:
+                self._load_many(kbs, abs_, missing, out)
             return out
+
+    def _load_many(self, kbs: Sequence[bytes], abs_: Sequence[bytes | None] | None,
+                   missing: list[int], out: list[Any]) -> None:
+        """Fill ``out[i]`` for every missed ``i``: one batched store read per connector that
+        has ``read_many(list_of_args)``, a read per key otherwise."""
+        if len(missing) == 1 or not all(hasattr(c, "read_many") for c in self.connectors):
+            for i in missing:
+                out[i] = self._entries.get(kbs[i]) or self._load(
+                    kbs[i], None if abs_ is None else abs_[i])
+            return
+        keys = list(dict.fromkeys(kbs[i] for i in missing))  # a key asked twice is read once
+        first = {kb: i for i in reversed(missing) for kb in (kbs[i],)}
+        args = [self._args(kb, None if abs_ is None else abs_[first[kb]]) for kb in keys]
+        if self._dirty.intersection(keys) or self._time_to_flush():
+            self._flush(explicit=bool(self._dirty.intersection(keys)))
+        self.c["misses"] += len(keys)
+        self.c["read"] += len(keys)
+        try:
+            columns = [self._call(c.read_many, args) for c in self.connectors]
+        except Exception:
+            self.c["read_errors"] += 1
+            raise
+        loaded: dict[bytes, bytes] = {}
+        for j, kb in enumerate(keys):
+            value = self.merge_query_fn(*(col[j] for col in columns)) if columns else None
+            if value is None and self.init_fn is not None:
+                value = self.init_fn(args[j])
+            existing = self._entries.get(kb)
+            if existing is None:
+                existing = encode_value(value)
+                self._put(kb, existing)
+            loaded[kb] = existing
+        for i in missing:
+            out[i] = loaded[kbs[i]]
 
     def _load(self, kb: bytes, ab: bytes | None) -> bytes:
         self.c["misses"] += 1
