@@ -56,7 +56,7 @@ def test_buffered_writes_reach_the_store_before_a_batched_read_of_them():
     assert store.data == {"a": 1, "b": 2, "c": 3}
     assert core.metrics()["evictions"] == 1
     core.put("b", 20)  # dirty again, and cached
-    assert read_many(core, ["a", "b", "c"]) == [1, 20, 3]
-    assert store.calls == [("read_many", ["a"])]
+    assert read_many(core, ["a", "b", "c", "x"]) == [1, 20, 3, None]
+    assert store.calls == [("read_many", ["a", "x"])]  # cached "b" and "c" are not read
     core.flush()
     assert store.data == {"a": 1, "b": 20, "c": 3}
