@@ -252,7 +252,6 @@ class ShardCore:
 
     # -- writes ---------------------------------------------------------------------------
     def _write1(self, kb: bytes, ab: bytes | None, vb: bytes) -> None:
-        self.c["write"] += 1
         payloads = []
         if self.connectors:
             args = self._args(kb, ab)
@@ -263,6 +262,7 @@ class ShardCore:
             except Exception:
                 self.c["write_errors"] += 1
                 raise  # nothing of this write was cached or buffered
+        self.c["write"] += 1
         dirty = False
         for cid, payload in zip(self._ids, payloads):
             if payload is not None:
@@ -383,6 +383,7 @@ class ShardCore:
         if self.checkpoint_handler is not None and self._checkpoint is not _UNSET:
             try:
                 self.last_checkpoint_result = self.checkpoint_handler(self._checkpoint)
+                self._checkpoint = _UNSET  # consumed: a later flush needs a newer state
                 self._ran_checkpoint = True
                 self.c["checkpoints"] += 1
             except Exception:

@@ -60,3 +60,26 @@ def test_buffered_writes_reach_the_store_before_a_batched_read_of_them():
     assert store.calls == [("read_many", ["a", "x"])]  # cached "b" and "c" are not read
     core.flush()
     assert store.data == {"a": 1, "b": 20, "c": 3}
+
+
+def test_a_recorded_checkpoint_runs_once_and_rejected_writes_are_not_counted():
+    saved: list[Any] = []
+    store = BatchStore("s", {})
+    core = ShardCore([store], checkpoint_handler=saved.append)
+    core.write(encode_key("a"), None, b"\x01", checkpoint="state-1")
+    core.flush()
+    core.put("b", 2)
+    core.flush()  # no newer state was recorded: the handler does not run again
+    assert saved == ["state-1"]
+
+    def refuse(args: Any, value: Any) -> Any:
+        raise ValueError("refused")
+
+    store.write = refuse  # type: ignore[method-assign]
+    before = core.metrics()["write"]
+    try:
+        core.put("c", 3)
+    except ValueError:
+        pass
+    m = core.metrics()
+    assert (m["write"], m["write_errors"]) == (before, 1)
