@@ -30,6 +30,9 @@ class MemoryConnector(BaseConnector):
     def write(self, args: Any, value: Any) -> Any:
         return (encode_value(args), encode_value(value))
 
+    def write_encoded(self, args_bytes: bytes, value_bytes: bytes) -> Any:
+        return (args_bytes, value_bytes)
+
     def flush(self, payloads: list[Any]) -> None:
         self.state.update(payloads)
         self.flushed_batches += 1

@@ -157,7 +157,9 @@ class RedisConnector(BaseConnector):
         return self._client
 
     def _key(self, args: Any) -> bytes:
-        encoded = encode_value(args)
+        return self._key_of_encoded(encode_value(args))
+
+    def _key_of_encoded(self, encoded: bytes) -> bytes:
         if self.key_format == "hex":
             encoded = encoded.hex().encode()
         return encoded if self.mode == "hash" else self._prefix_bytes + encoded
@@ -183,6 +185,10 @@ class RedisConnector(BaseConnector):
 
     def write(self, args: Any, value: Any) -> Any:
         return (self._key(args), encode_value(value))
+
+    def write_encoded(self, args_bytes: bytes, value_bytes: bytes) -> Any:
+        """The shard's fast path: values are stored as the msgpack bytes it holds."""
+        return (self._key_of_encoded(args_bytes), value_bytes)
 
     def flush(self, payloads: list[Any]) -> None:
         """Store ``payloads`` in one MULTI/EXEC transaction (SET/MSET or HSET)."""

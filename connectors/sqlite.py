@@ -133,6 +133,10 @@ class SQLiteConnector(BaseConnector):
         # Encode now: an unencodable value fails the write, not a later flush.
         return (encode_value(args), encode_value(value))
 
+    def write_encoded(self, args_bytes: bytes, value_bytes: bytes) -> Any:
+        """The shard's fast path: rows are the msgpack bytes it already holds."""
+        return (args_bytes, value_bytes)
+
     def flush(self, payloads: list[Any]) -> None:
         """Upsert ``payloads`` in one transaction (a later payload for a key wins)."""
         if not payloads:

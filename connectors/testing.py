@@ -419,6 +419,16 @@ class ConnectorContract:
             assert values_equal(g, self.call(conn.read, a)), a
         assert self.call(conn.read_many, []) == []
 
+    def test_write_encoded_matches_write(self) -> None:
+        conn = self.connected()
+        if not hasattr(conn, "write_encoded"):
+            pytest.skip("no write_encoded()")
+        from persistroids_dist.codec import encode_value
+        for i, v in enumerate(self.values):
+            args = ("enc", i, self.keys[i % len(self.keys)])
+            fast = self.call(conn.write_encoded, encode_value(args), encode_value(v))
+            assert fast == self.call(conn.write, args, v), f"payloads differ for {v!r}"
+
     def test_repr_has_no_secrets(self) -> None:
         conn = self.make_connector()
         self.assert_no_secrets(repr(conn))

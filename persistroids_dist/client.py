@@ -38,6 +38,11 @@ _IMMUTABLE = frozenset((int, float, str, bytes, bool, type(None)))
 _NO_VALUE = object()
 
 
+def _local(value: Any) -> Any:
+    """What a local copy keeps besides the bytes: the value if it is immutable."""
+    return value if type(value) in _IMMUTABLE else _NO_VALUE
+
+
 def slot_table(num_shards: int) -> list[int]:
     """Contiguous slot ranges per shard (resharding later moves ranges of slots)."""
     return [slot * num_shards // NUM_SLOTS for slot in range(NUM_SLOTS)]
@@ -171,8 +176,7 @@ class NearCache:
 
     def put(self, kb: bytes, vb: bytes, value: Any = _NO_VALUE) -> None:
         entries = self.entries
-        entries[kb] = (vb, _monotonic() + self.ttl,
-                       value if type(value) in _IMMUTABLE else _NO_VALUE)
+        entries[kb] = (vb, _monotonic() + self.ttl, _local(value))
         if len(entries) > self.max_entries:
             entries.popitem(last=False)
 
@@ -277,7 +281,7 @@ class Cache:
             e = pool.owned.get(kb)
             if e is not None:  # an exclusive lease: this process holds the only copy
                 value = e[0]
-                return value if type(value) in _IMMUTABLE else decode_value(e[1])
+                return decode_value(e[1]) if value is _NO_VALUE else value
         near = self._near
         if near is not None and checkpoint is _NO_CHECKPOINT:
             hit = near.entries.get(kb)
@@ -309,7 +313,7 @@ class Cache:
             out.append(None)
             e = owned.get(kb) if owned else None
             if e is not None:
-                out[i] = e[0] if type(e[0]) in _IMMUTABLE else decode_value(e[1])
+                out[i] = decode_value(e[1]) if e[0] is _NO_VALUE else e[0]
                 continue
             if near is not None:
                 hit = near.entries.get(kb)
@@ -370,7 +374,7 @@ class Cache:
             with pool.owned_lock:
                 e = pool.owned.get(kb)
                 if e is not None:  # owned: stays here until release or recall
-                    e[0], e[1], e[2] = value if type(value) in _IMMUTABLE else None, vb, True
+                    e[0], e[1], e[2] = _local(value), vb, True
                     return value
         if pool.near is not None:
             pool.near.put(kb, vb, value)
@@ -430,7 +434,7 @@ class Cache:
                 if e is not None:
                     value = fn(decode_value(e[1]))
                     vb = encode_value(value)
-                    e[0], e[1], e[2] = value if type(value) in _IMMUTABLE else None, vb, True
+                    e[0], e[1], e[2] = _local(value), vb, True
                     return value if wait else None
         shard = self._table[slot_of(kb)]
         digest, blob = self._function(fn)
@@ -565,7 +569,7 @@ class Lease:
             for s, g in groups.items():
                 for (kb, ab), vb in zip(g, values[s]):
                     value = decode_value(vb)
-                    pool.owned[kb] = [value if type(value) in _IMMUTABLE else None,
+                    pool.owned[kb] = [_local(value),
                                       vb, False, s, ab]
         for s in groups:
             pool.ensure_poller(s)

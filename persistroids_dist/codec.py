@@ -85,10 +85,19 @@ def decode_key(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=False)
 
 
+_SCALARS = frozenset((str, int, float, bytes, bool))
+_plain_packb = msgpack.packb
+
+
 def encode_value(value: Any) -> bytes:
     """Encode a value with msgpack (tuples preserved); raise TypeError naming what failed."""
     if value is None:
         return _NONE_BYTES
+    if type(value) in _SCALARS:  # the common case, without the hooks (same bytes)
+        try:
+            return _plain_packb(value)
+        except OverflowError:
+            raise TypeError(f"cannot encode integer {value}: it does not fit in 64 bits") from None
     try:
         return _packer_bytes(value)
     except TypeError as e:

@@ -44,6 +44,14 @@ class Connector(Protocol):
         ...
 
 
+# Optional fast paths a connector may add (the shard looks for them once, at start):
+#   read_many(args_list) -> list of values (None where absent): one store round trip for
+#       the keys a read_many missed.
+#   write_encoded(args_bytes, value_bytes) -> payload | None: like ``write``, but given the
+#       msgpack encodings (``codec.encode_value``) of args and value, so a store that keeps
+#       msgpack bytes skips a decode and a re-encode per write.
+
+
 class BaseConnector:
     """Optional base class: no-op ``connect``/``disconnect`` and ``(args, value)`` payloads."""
 

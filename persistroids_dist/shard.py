@@ -49,6 +49,16 @@ def default_merge(*values: Any) -> Any:
     return present[-1]
 
 
+def _defined_at(obj: Any, name: str) -> int:
+    """Position in ``type(obj).__mro__`` of the class that defines ``name`` (instance: -1)."""
+    if name in getattr(obj, "__dict__", {}):
+        return -1
+    for i, cls in enumerate(type(obj).__mro__):
+        if name in cls.__dict__:
+            return i
+    return len(type(obj).__mro__)
+
+
 class ShardCore:
     """A cache partition with write-behind buffering in front of ``connectors``.
 
@@ -113,6 +123,18 @@ class ShardCore:
             connect = getattr(conn, "connect", None)
             if connect is not None:
                 self._call(connect)
+        # Per connector, how a write reaches it: (takes encoded bytes?, callable). Resolved
+        # once, so the per-write path does no attribute lookups or awaitable checks.
+        self._writers = [self._writer(conn) for conn in self.connectors]
+
+    def _writer(self, conn: Connector) -> tuple[bool, Callable[..., Any]]:
+        fast = getattr(conn, "write_encoded", None)
+        if fast is not None and _defined_at(conn, "write_encoded") > _defined_at(conn, "write"):
+            fast = None  # a subclass overrode write() only: its write() must see every write
+        fn = fast if fast is not None else conn.write
+        if inspect.iscoroutinefunction(fn):
+            return fast is not None, lambda *a: self._call(fn, *a)
+        return fast is not None, fn
 
     # -- helpers --------------------------------------------------------------------------
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -254,11 +276,16 @@ class ShardCore:
     def _write1(self, kb: bytes, ab: bytes | None, vb: bytes) -> None:
         payloads = []
         if self.connectors:
-            args = self._args(kb, ab)
+            args: Any = _UNSET
             try:
-                for conn in self.connectors:
+                for encoded, write in self._writers:
+                    if encoded:
+                        payloads.append(write(kb if ab is None else ab, vb))
+                        continue
+                    if args is _UNSET:
+                        args = self._args(kb, ab)
                     # Each connector gets its own decoded copy: a payload may keep it.
-                    payloads.append(self._call(conn.write, args, decode_value(vb)))
+                    payloads.append(write(args, decode_value(vb)))
             except Exception:
                 self.c["write_errors"] += 1
                 raise  # nothing of this write was cached or buffered

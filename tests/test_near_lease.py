@@ -130,3 +130,23 @@ def test_near_cache_is_bounded_and_counts(make_cache):
     assert [near.read(7) for _ in range(3)] == [7, 7, 7]
     assert (near._near.hits, near._near.misses) == (hits + 3, misses)
     assert len(near._near.entries) <= 10
+
+
+def test_leased_and_near_cached_mutable_values_come_back_as_copies(make_cache):
+    cache = make_cache()
+    cache.write("doc", {"n": 1, "tags": ["a"]}, wait=True)
+    with cache.lease("doc"):
+        doc = cache.read("doc")
+        assert doc == {"n": 1, "tags": ["a"]}
+        doc["tags"].append("mutated")  # the caller's copy only
+        assert cache.read("doc") == {"n": 1, "tags": ["a"]}
+        cache.write("doc", {"n": 2, "tags": []})
+        assert cache.read("doc") == {"n": 2, "tags": []}
+        assert cache.update("doc", lambda d: {**d, "n": d["n"] + 1}) == {"n": 3, "tags": []}
+        assert cache.read_many(["doc"]) == [{"n": 3, "tags": []}]
+    assert ray.get(read_key.remote(cache, "doc")) == {"n": 3, "tags": []}
+    near = cache.near(lease_ms=10_000)
+    first = near.read("doc")
+    first["n"] = 99
+    assert near.read("doc") == {"n": 3, "tags": []}
+    assert near.read("missing") is None and near.read("missing") is None

@@ -62,7 +62,7 @@ def test_buffered_writes_reach_the_store_before_a_batched_read_of_them():
     assert store.data == {"a": 1, "b": 20, "c": 3}
 
 
-def test_a_recorded_checkpoint_runs_once_and_rejected_writes_are_not_counted():
+def test_a_recorded_checkpoint_runs_the_handler_once():
     saved: list[Any] = []
     store = BatchStore("s", {})
     core = ShardCore([store], checkpoint_handler=saved.append)
@@ -72,14 +72,21 @@ def test_a_recorded_checkpoint_runs_once_and_rejected_writes_are_not_counted():
     core.flush()  # no newer state was recorded: the handler does not run again
     assert saved == ["state-1"]
 
-    def refuse(args: Any, value: Any) -> Any:
-        raise ValueError("refused")
 
-    store.write = refuse  # type: ignore[method-assign]
-    before = core.metrics()["write"]
+
+class Refusing(BatchStore):
+    def write(self, args: Any, value: Any) -> Any:
+        if value == 3:
+            raise ValueError("refused")
+        return super().write(args, value)
+
+
+def test_rejected_writes_are_not_counted_as_writes():
+    core = ShardCore([Refusing("s", {})])
+    core.put("b", 2)
     try:
         core.put("c", 3)
     except ValueError:
         pass
     m = core.metrics()
-    assert (m["write"], m["write_errors"]) == (before, 1)
+    assert (m["write"], m["write_errors"], m["pending"]) == (1, 1, 1)
