@@ -150,3 +150,38 @@ def test_leased_and_near_cached_mutable_values_come_back_as_copies(make_cache):
     first["n"] = 99
     assert near.read("doc") == {"n": 3, "tags": []}
     assert near.read("missing") is None and near.read("missing") is None
+
+
+@ray.remote
+def count_up(cache, key, seconds):
+    """Increment ``key`` for ``seconds``; return (value, monotonic time once applied) pairs."""
+    out = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        out.append((cache.update(key, lambda v: v + 1), time.monotonic()))
+    return out
+
+
+def test_near_reads_under_a_concurrent_writer_are_never_staler_than_lease_ms(make_cache):
+    cache = make_cache(init_fn=lambda a: 0)
+    lease_s = 0.05
+    near = cache.near(lease_ms=lease_s * 1000)
+    ref = count_up.remote(cache, "ticker", 1.5)
+    reads = []
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        started = time.monotonic()
+        reads.append((started, near.read("ticker")))
+        near.write("mine", started)
+        assert near.read("mine") == started  # read-your-writes, every time
+    applied = ray.get(ref)
+    assert len(applied) > 50 and len(reads) > 50
+    assert [x for _, x in reads] == sorted(x for _, x in reads)  # never goes back in time
+    j, floor = 0, 0
+    for started, seen in reads:
+        # every increment applied more than lease_ms before this read started must show
+        while j < len(applied) and applied[j][1] < started - lease_s:
+            floor = applied[j][0]
+            j += 1
+        assert seen >= floor, f"read {seen} at {started:.4f}, but {floor} was applied earlier"
+    assert cache.read("ticker") == applied[-1][0]
