@@ -103,6 +103,9 @@ class _Pool:
             self.closed = True
             for i in range(len(self.conns)):
                 self.drop(i)
+        with _POOLS_LOCK:
+            if _POOLS.get((self.spec["name"], self.spec["secret"])) is self:
+                del _POOLS[(self.spec["name"], self.spec["secret"])]
 
     def take_owned(self, kbs: Iterable[bytes]) -> dict[int, tuple[list[Any], list[bytes]]]:
         """Stop owning ``kbs``; return per shard the dirty writes to push and the keys."""
