@@ -16,14 +16,11 @@ from typing import Any
 import ray
 from ray import cloudpickle
 
-from .codec import decode_value
 from .errors import FlushError, LeaseLostError
 from .shard import ShardCore
 from .transport import Op, ShardServer
 
 log = logging.getLogger("persistroids_dist.actors")
-
-_UNSET_CKPT = b""
 
 
 def _unpickle_checkpoint(blob: bytes | None) -> Any:
@@ -213,9 +210,6 @@ class ShardHost:
         m["connections"] = self.server.connections
         return m
 
-    def read_value(self, kb: bytes) -> Any:
-        return decode_value(self.core.read(kb))
-
     def close(self, disconnect: bool = False) -> dict[str, Any]:
         """Flush and stop serving; raise FlushError (still serving) if a store failed."""
         metrics = self.core.close(disconnect=disconnect)
@@ -289,9 +283,9 @@ class Coordinator:
 
 
 def wait_ready(refs: list[Any], timeout: float = 120.0) -> list[Any]:
-    deadline = time.monotonic() + timeout
-    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    """Results of ``refs`` in order; TimeoutError if they are not all ready in ``timeout``."""
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
     if pending:
-        raise TimeoutError(f"{len(pending)} shard(s) did not start within {timeout:.0f}s "
-                           f"(elapsed {timeout - max(0.0, deadline - time.monotonic()):.0f}s)")
-    return ray.get(ready)
+        raise TimeoutError(f"{len(pending)} of {len(refs)} shard(s) did not start within "
+                           f"{timeout:.0f}s")
+    return ray.get(refs)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from threading import RLock
 from typing import Any
 
-from .codec import decode_key, decode_value, encode_value
+from .codec import decode_key, decode_value, encode_key, encode_value
 from .connector import Connector
 from .errors import FlushError
 
@@ -468,10 +468,8 @@ class ShardCore:
 
     # -- plain-value conveniences (tests, embedding without Ray) ---------------------------
     def get(self, key: Any) -> Any:
-        from .codec import encode_key
         return decode_value(self.read(encode_key(key)))
 
     def put(self, key: Any, value: Any) -> Any:
-        from .codec import encode_key
         self.write(encode_key(key), None, encode_value(value))
         return value
