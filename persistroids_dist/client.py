@@ -61,6 +61,10 @@ class _Pool:
         # Keys this process owns under an exclusive lease: kb -> [value, vb, dirty, shard, ab].
         self.owned: dict[bytes, list[Any]] = {}
         self.owned_lock = threading.Lock()
+        # Keys whose RELEASE is on its way to the shard: leasing one again must wait for it,
+        # or the new lease could start from a value without the released writes.
+        self.releasing: set[bytes] = set()
+        self.released = threading.Condition(self.owned_lock)
         self.owner = os.urandom(16)
         self.lease_ttl_ms = 5000.0
         self.lease_errors: list[BaseException] = []
@@ -115,6 +119,7 @@ class _Pool:
                 e = self.owned.pop(kb, None)
                 if e is None:
                     continue
+                self.releasing.add(kb)  # until done_releasing(): see acquire()
                 if self.near is not None:  # keep read-your-writes once the lease is gone
                     self.near.put(kb, e[1])
                 items, keys = out.setdefault(e[3], ([], []))
@@ -122,6 +127,12 @@ class _Pool:
                 if e[2]:
                     items.append([kb, e[4], e[1]])
         return out
+
+    def done_releasing(self, per_shard: dict[int, tuple[list[Any], list[bytes]]]) -> None:
+        with self.released:
+            for _, keys in per_shard.values():
+                self.releasing.difference_update(keys)
+            self.released.notify_all()
 
     def ensure_poller(self, shard: int) -> None:
         with self.lock:
@@ -146,8 +157,12 @@ class _Pool:
                 recalled = conn.call(_packb([Op.POLL, self.owner, ttl, ttl / 4]))
                 if recalled:
                     # Keys no longer owned here are released too: the shard still has them.
-                    items = self.take_owned(recalled).get(shard, ([], []))[0]
-                    conn.call(_packb([Op.RELEASE, self.owner, items, recalled]))
+                    taken = self.take_owned(recalled)
+                    try:
+                        items = taken.get(shard, ([], []))[0]
+                        conn.call(_packb([Op.RELEASE, self.owner, items, recalled]))
+                    finally:
+                        self.done_releasing(taken)
         except LeaseLostError as e:
             self.lease_errors.append(e)
         except (ConnectionError, OSError) as e:
@@ -177,9 +192,17 @@ class NearCache:
         self.hits = 0
         self.misses = 0
 
-    def put(self, kb: bytes, vb: bytes, value: Any = _NO_VALUE) -> None:
+    def put(self, kb: bytes, vb: bytes, value: Any = _NO_VALUE,
+            since: float | None = None) -> None:
+        """Trust ``vb`` until ``lease_ms`` after ``since``: when the request that produced it
+        was sent (a slow answer must not stretch the staleness bound). An entry from a
+        later request is kept (a slow read must not hide this process's newer write)."""
         entries = self.entries
-        entries[kb] = (vb, _monotonic() + self.ttl, _local(value))
+        expires = (_monotonic() if since is None else since) + self.ttl
+        old = entries.get(kb)
+        if old is not None and old[1] > expires:
+            return
+        entries[kb] = (vb, expires, _local(value))
         if len(entries) > self.max_entries:
             entries.popitem(last=False)
 
@@ -297,10 +320,11 @@ class Cache:
             frame = _packb([Op.READ, kb, ab])
         else:
             frame = _packb([Op.READ, kb, ab, cloudpickle.dumps(checkpoint)])
+        sent = _monotonic()
         vb = self._call(shard, frame, retry=True)
         value = decode_value(vb)
         if near is not None:
-            near.put(kb, vb, value)
+            near.put(kb, vb, value, sent)
         return value
 
     def read_many(self, args_list: Iterable[Any]) -> list[Any]:
@@ -334,6 +358,7 @@ class Cache:
         del out[n:]
         if not groups:
             return out
+        sent = _monotonic()
         results = self._scatter({s: _packb([Op.READ_MANY, g[1], g[2] if self._cache_key else None])
                                  for s, g in groups.items()})
         for s, res in results.items():
@@ -341,7 +366,7 @@ class Cache:
             for j, (i, vb) in enumerate(zip(groups[s][0], res)):
                 out[i] = value = decode_value(vb)
                 if near is not None:
-                    near.put(kbs[j], vb, value)
+                    near.put(kbs[j], vb, value, sent)
         return out
 
     def _scatter(self, frames: dict[int, bytes]) -> dict[int, Any]:
@@ -442,6 +467,7 @@ class Cache:
         shard = self._table[slot_of(kb)]
         digest, blob = self._function(fn)
         conn = pool.conn(shard)
+        sent = _monotonic()
         try:
             with conn.lock:
                 frame = _packb([Op.UPDATE, kb, ab, digest,
@@ -460,7 +486,7 @@ class Cache:
             return None
         value = decode_value(vb)
         if pool.near is not None:
-            pool.near.put(kb, vb, value)
+            pool.near.put(kb, vb, value, sent)
         return value
 
     # -- exclusive leases -------------------------------------------------------------------
@@ -506,8 +532,12 @@ class Cache:
                     release: bool = True) -> None:
         frames = {s: _packb([Op.RELEASE, self._pool.owner, items, keys if release else []])
                   for s, (items, keys) in per_shard.items()}
-        if frames:
-            self._scatter(frames)
+        try:
+            if frames:
+                self._scatter(frames)
+        finally:
+            if release:
+                self._pool.done_releasing(per_shard)
 
     def flush_now(self, *, checkpoint: Any = _NO_CHECKPOINT) -> Any:
         """Write every buffered write of every shard to the stores, then return.
@@ -561,9 +591,12 @@ class Lease:
         cache, pool = self.cache, self.cache._pool
         pool.lease_ttl_ms = self.ttl_ms
         groups: dict[int, list[tuple[bytes, bytes | None]]] = {}
-        for kb, ab in self.keys:
-            if kb in pool.owned:
+        kbs = [kb for kb, _ in self.keys]
+        with pool.released:
+            if any(kb in pool.owned for kb in kbs):
                 raise ValueError("a key of this lease is already leased by this process")
+            pool.released.wait_for(lambda: pool.releasing.isdisjoint(kbs), timeout=60)
+        for kb, ab in self.keys:
             groups.setdefault(cache._table[slot_of(kb)], []).append((kb, ab))
         cache.sync()  # our pipelined writes to these keys land before the lease is taken
         values = cache._scatter({s: _packb([Op.LEASE, [kb for kb, _ in g], pool.owner,
