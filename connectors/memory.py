@@ -27,6 +27,11 @@ class MemoryConnector(BaseConnector):
         data = self.state.get(encode_value(args))
         return None if data is None else decode_value(data)
 
+    def read_many(self, args_list: list[Any]) -> list[Any]:
+        state = self.state
+        return [None if (d := state.get(encode_value(a))) is None else decode_value(d)
+                for a in args_list]
+
     def write(self, args: Any, value: Any) -> Any:
         return (encode_value(args), encode_value(value))
 
