@@ -13,8 +13,10 @@ from .errors import (
     AuthenticationError,
     CacheClosedError,
     FlushError,
+    LeaseLostError,
     PersistroidsError,
     RemoteError,
+    WriteError,
 )
 
 __all__ = [
@@ -24,8 +26,10 @@ __all__ = [
     "CacheClosedError",
     "Connector",
     "FlushError",
+    "LeaseLostError",
     "PersistroidsError",
     "RemoteError",
+    "WriteError",
     "connect",
     "ensure_ray",
     "init",

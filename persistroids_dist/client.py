@@ -222,6 +222,47 @@ def _pool_for(spec: dict[str, Any]) -> _Pool:
     return pool
 
 
+class _Linger:
+    """Sends queued writes that no batch-size limit or later request has sent, a short
+    ``delay`` after the first of them was queued (one daemon thread per process)."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.cond = threading.Condition()
+        self.armed: list[Connection] = []
+        self.thread: threading.Thread | None = None
+
+    def arm(self, conn: Connection) -> None:
+        with self.cond:
+            self.armed.append(conn)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, daemon=True,
+                                               name="persistroids-linger")
+                self.thread.start()
+            self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.armed:
+                    self.cond.wait()
+            time.sleep(self.delay)
+            with self.cond:
+                armed, self.armed = self.armed, []
+            for conn in armed:
+                with conn.lock:
+                    if conn.closed:
+                        continue
+                    try:
+                        conn.send_queue()
+                    except (ConnectionError, OSError) as e:
+                        conn.deferred.append(ConnectionError(f"queued writes were lost: {e}"))
+                        conn.close()
+
+
+_LINGER = _Linger(0.001)
+
+
 def _rebuild(spec: dict[str, Any], near: tuple[float, int] | None = None) -> Cache:
     return Cache(spec, near)
 
@@ -407,21 +448,21 @@ class Cache:
         if pool.near is not None:
             pool.near.put(kb, vb, value)
         shard = self._table[slot_of(kb)]
-        if checkpoint is _NO_CHECKPOINT:
-            frame = _packb([Op.WRITE, kb, ab, vb])
-        else:
-            frame = _packb([Op.WRITE, kb, ab, vb, cloudpickle.dumps(checkpoint)])
-            wait = True
+        if checkpoint is not _NO_CHECKPOINT:
+            self._call(shard, _packb([Op.WRITE, kb, ab, vb, cloudpickle.dumps(checkpoint)]))
+            return value
         if wait:
-            self._call(shard, frame)
+            self._call(shard, _packb([Op.WRITE, kb, ab, vb]))
             return value
         conn = self._pool.conn(shard)
         try:
             with conn.lock:
-                conn.send(frame)
+                first = conn.queue_write([kb, ab, vb])
         except (ConnectionError, OSError) as e:
             self._pool.drop(shard)
             raise ConnectionError(f"cache {self.name!r}: lost shard {shard}: {e}") from e
+        if first:
+            _LINGER.arm(conn)
         return value
 
     def write_many(self, items: Iterable[tuple[Any, Any]]) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["AuthenticationError", "CacheClosedError", "FlushError", "LeaseLostError",
-           "PersistroidsError", "RemoteError"]
+           "PersistroidsError", "RemoteError", "WriteError"]
 
 
 class PersistroidsError(Exception):
@@ -21,6 +21,26 @@ class FlushError(PersistroidsError):
 
     def __reduce__(self):  # pickles across processes with its fields
         return (type(self), (self.shard, self.errors))
+
+
+class WriteError(PersistroidsError):
+    """Some writes of a batch were refused by a connector; the others were applied."""
+
+    def __init__(self, shard: int, applied: int, errors: list[tuple[int, BaseException]]) -> None:
+        self.shard = shard
+        self.applied = applied
+        self.errors = errors
+        i, first = errors[0]
+        super().__init__(f"shard {shard}: {len(errors)} write(s) refused, {applied} applied; "
+                         f"first (item {i}): {type(first).__name__}: {first}")
+
+    def __reduce__(self):
+        return (type(self), (self.shard, self.applied, self.errors))
+
+    @property
+    def first(self) -> BaseException:
+        """The first refusal (its own exception type)."""
+        return self.errors[0][1]
 
 
 class RemoteError(PersistroidsError):

@@ -22,7 +22,7 @@ from typing import Any
 
 from .codec import decode_key, decode_value, encode_key, encode_value
 from .connector import Connector
-from .errors import FlushError
+from .errors import FlushError, WriteError
 
 __all__ = ["ShardCore", "default_merge"]
 
@@ -309,17 +309,25 @@ class ShardCore:
             self._check_thresholds()
 
     def write_many(self, items: Iterable[Sequence[Any]], checkpoint: Any = _UNSET) -> int:
-        """Apply ``(kb, ab, vb)`` writes in order; a failing item stops the batch and raises."""
+        """Apply ``(kb, ab, vb)`` writes in order and return how many were applied.
+
+        Every item is applied on its own: one that a connector refuses does not stop the
+        others. The first refusal is raised after the batch, as a WriteError that counts them.
+        """
         n = 0
+        errors: list[tuple[int, BaseException]] = []
         with self._lock:
-            try:
-                for kb, ab, vb in items:
+            for i, (kb, ab, vb) in enumerate(items):
+                try:
                     self._write1(kb, ab, vb)
                     n += 1
-            finally:
-                if checkpoint is not _UNSET and n:
-                    self._checkpoint = checkpoint
-                self._check_thresholds()
+                except Exception as e:
+                    errors.append((i, e))
+            if checkpoint is not _UNSET and n:
+                self._checkpoint = checkpoint
+            self._check_thresholds()
+        if errors:
+            raise WriteError(self.index, n, errors)
         return n
 
     def update(self, kb: bytes, ab: bytes | None, fn: Callable[[Any], Any]) -> bytes:

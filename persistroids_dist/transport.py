@@ -197,9 +197,11 @@ class Connection:
     """
 
     def __init__(self, address: dict[str, Any], secret: bytes, *, max_unacked: int = 512,
-                 timeout: float | None = None) -> None:
+                 batch_max: int = 512, timeout: float | None = None) -> None:
         self.lock = threading.Lock()
         self.max_unacked = max_unacked
+        self.batch_max = batch_max
+        self.queue: list[list[Any]] = []  # writes waiting to go out as one WRITE_MANY
         self.unacked = 0
         self.deferred: list[BaseException] = []
         self.known_functions: set[bytes] = set()
@@ -240,8 +242,28 @@ class Connection:
         except OSError:
             pass
 
+    def queue_write(self, item: list[Any]) -> bool:
+        """Queue a ``[kb, ab, vb]`` write (micro-batching); it goes out as part of one
+        WRITE_MANY frame when the queue is full, before any other request, or when the owner
+        calls ``send_queue`` (a short timer). Returns True if the queue was empty before."""
+        queue = self.queue
+        queue.append(item)
+        if len(queue) >= self.batch_max:
+            self.send_queue()
+            return False
+        return len(queue) == 1
+
+    def send_queue(self) -> None:
+        if self.queue:
+            items, self.queue = self.queue, []
+            self._send(msgpack.packb([Op.WRITE_MANY, items]))
+
     def send(self, frame: bytes) -> None:
         """Send a request whose response is read later (an error is raised by a later call)."""
+        self.send_queue()
+        self._send(frame)
+
+    def _send(self, frame: bytes) -> None:
         self.sock.sendall(frame)
         self.unacked += 1
         if self.unacked >= self.max_unacked:
@@ -256,6 +278,7 @@ class Connection:
 
     def sync(self) -> None:
         """Wait until every pipelined request was applied; raise the first deferred error."""
+        self.send_queue()
         self._drain()
         self._raise_deferred()
 
@@ -266,6 +289,7 @@ class Connection:
 
     def begin(self, frame: bytes) -> None:
         """Send a request whose answer ``finish`` collects (lets one caller fan out)."""
+        self.send_queue()  # queued writes go first: this process reads its own writes
         self.sock.sendall(frame)
         self.unacked += 1
 

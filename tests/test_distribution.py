@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import msgpack
 import pytest
@@ -169,8 +170,9 @@ def test_store_errors_surface_and_nothing_accepted_is_lost(make_cache, tmp_path)
     cache = make_cache([FlakySQLite(db, flag)], num_shards=2, millis_threshold=60000)
     cache.write("a", 1)
     cache.write("b", "forbidden")  # refused inside the shard: surfaces at the next sync
-    with pytest.raises(ValueError, match="refuses"):
+    with pytest.raises(pd.WriteError, match="refuses") as refused:
         cache.sync()
+    assert isinstance(refused.value.first, ValueError) and refused.value.applied == 1
     assert cache.read("b") is None
     flag.touch()
     with pytest.raises(pd.FlushError, match="store unavailable"):
@@ -242,3 +244,21 @@ def test_pipelined_updates_are_exact_after_sync_and_errors_surface(make_cache):
     with pytest.raises(ZeroDivisionError):
         cache.sync()
     assert cache.read("p0") == 300  # the failed update changed nothing
+
+
+def test_a_lone_queued_write_reaches_its_shard_without_another_call(make_cache):
+    cache = make_cache(num_shards=1)
+    cache.write("lonely", "here")  # queued for micro-batching; no later call from us
+    deadline = time.monotonic() + 10
+    seen = None
+    while time.monotonic() < deadline and seen != "here":
+        seen = ray.get(read_via_connect.remote(cache.name, "lonely"))
+    assert seen == "here"
+
+
+def test_write_many_applies_every_item_a_store_does_not_refuse(make_cache, tmp_path):
+    cache = make_cache([FlakySQLite(tmp_path / "m.db", tmp_path / "flag")], num_shards=1)
+    with pytest.raises(pd.WriteError, match="1 write.s. refused, 2 applied") as refused:
+        cache.write_many([("a", 1), ("b", "forbidden"), ("c", 3)])
+    assert refused.value.errors[0][0] == 1
+    assert cache.read_many(["a", "b", "c"]) == [1, None, 3]
