@@ -814,8 +814,7 @@ def _c1_stores(ctx: Ctx, admin: psycopg.Connection[Any]) -> list[_C1Store]:
     return [
         _C1Store("memory", n, lambda name: MemoryConnector(id=f"mem:{name}"), mem_reopen,
                  lambda c: len(c.state), lambda c: c.state.clear(),
-                 "MemoryConnector has no read_many: the shard reads key by key, the anchor "
-                 "is a connector.read loop"),
+                 "a dict in the shard process: the ratio is the shard's own bookkeeping"),
         _C1Store("sqlite", n, lite_make, lambda c: SQLiteConnector(c.path, table=c.table),
                  lambda c: c.db.execute('SELECT count(*) FROM "c1"').fetchone()[0], lite_drop,
                  "WAL, synchronous=NORMAL, one file per store"),
@@ -987,8 +986,7 @@ def c1_connectors(ctx: Ctx) -> None:
                 f"ShardCore.write x{st.n:,} (fill {fmt(m['fill'], '/s')}), then one timed "
                 f"ShardCore.flush(); {len(d['rows_per_s']['core'])} round(s) after an untimed "
                 f"warm-up, own store per side, row counts checked; {st.note}{bad}"))
-            anchor = "connector.read_many alone" if st.label != "memory" \
-                else "connector.read loop alone"
+            anchor = "connector.read_many alone"
             ctx.rows.append(Row(
                 "C1", f"read_many {rsize} keys, new shard, {st.label} (keys/s)", anchor,
                 m["read_connector"], m["read_core"], "/s", "-", None,
