@@ -28,9 +28,12 @@ class MemoryConnector(BaseConnector):
         return None if data is None else decode_value(data)
 
     def read_many(self, args_list: list[Any]) -> list[Any]:
+        return [None if d is None else decode_value(d)
+                for d in self.read_many_encoded([encode_value(a) for a in args_list])]
+
+    def read_many_encoded(self, keys: list[bytes]) -> list[bytes | None]:
         state = self.state
-        return [None if (d := state.get(encode_value(a))) is None else decode_value(d)
-                for a in args_list]
+        return [state.get(k) for k in keys]
 
     def write(self, args: Any, value: Any) -> Any:
         return (encode_value(args), encode_value(value))

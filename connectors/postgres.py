@@ -332,7 +332,17 @@ class PostgresConnector(BaseConnector):
         """The values for each of ``args_list`` (None where absent), one query per 10k keys."""
         if self.mapped and len(self.key_columns) > 1:
             return [self.read(a) for a in args_list]
-        keys = [self._key(a)[0] for a in args_list]
+        found = self._fetch_many([self._key(a)[0] for a in args_list])
+        return [None if v is None else self._decode(v) for v in found]
+
+    def read_many_encoded(self, encoded: Sequence[bytes]) -> list[bytes | None]:
+        """The shard's fast path: stored msgpack bytes for each encoded key (None if absent)."""
+        if self.mapped or self.value_mode != "msgpack":
+            return [None if v is None else encode_value(v)
+                    for v in self.read_many([decode_value(e) for e in encoded])]
+        return self._fetch_many(list(encoded))
+
+    def _fetch_many(self, keys: list[Any]) -> list[Any]:
         unique = list(dict.fromkeys(keys))
 
         def fetch(conn: psycopg.Connection[Any]) -> dict[Any, Any]:
@@ -345,7 +355,7 @@ class PostgresConnector(BaseConnector):
         if unique and not self._ready:
             self.connect()
         found = self._run(fetch) if unique else {}
-        return [None if (v := found.get(k)) is None else self._decode(v) for k in keys]
+        return [found.get(k) for k in keys]
 
     def write(self, args: Any, value: Any) -> Any:
         # Validate and encode now, so bad input fails the write instead of a later flush.

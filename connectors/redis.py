@@ -174,14 +174,19 @@ class RedisConnector(BaseConnector):
 
     def read_many(self, args_list: Sequence[Any]) -> list[Any]:
         """The values for each of ``args_list`` (None where absent), by MGET/HMGET."""
-        keys = [self._key(a) for a in args_list]
+        return [None if d is None else decode_value(d)
+                for d in self.read_many_encoded([encode_value(a) for a in args_list])]
+
+    def read_many_encoded(self, encoded: Sequence[bytes]) -> list[bytes | None]:
+        """The stored msgpack bytes for each encoded key (None where absent)."""
+        keys = [self._key_of_encoded(e) for e in encoded]
         out: list[Any] = []
         with self._guard():
             for i in range(0, len(keys), _CHUNK):
                 chunk = keys[i:i + _CHUNK]
                 out.extend(self.client.mget(chunk) if self.hash_name is None
                            else self.client.hmget(self.hash_name, chunk))
-        return [None if d is None else decode_value(d) for d in out]
+        return out
 
     def write(self, args: Any, value: Any) -> Any:
         return (self._key(args), encode_value(value))

@@ -118,7 +118,11 @@ class SQLiteConnector(BaseConnector):
 
     def read_many(self, args_list: Sequence[Any]) -> list[Any]:
         """The values stored for each of ``args_list`` (None where absent), in order."""
-        keys = [encode_value(a) for a in args_list]
+        return [None if v is None else decode_value(v)
+                for v in self.read_many_encoded([encode_value(a) for a in args_list])]
+
+    def read_many_encoded(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The stored msgpack bytes for each encoded key (None where absent), in order."""
         found: dict[bytes, bytes] = {}
         db = self.db
         unique = list(dict.fromkeys(keys))
@@ -127,7 +131,7 @@ class SQLiteConnector(BaseConnector):
             marks = ",".join("?" * len(chunk))
             found.update(db.execute(
                 f'SELECT k, v FROM "{self.table}" WHERE k IN ({marks})', chunk).fetchall())
-        return [None if (v := found.get(k)) is None else decode_value(v) for k in keys]
+        return [found.get(k) for k in keys]
 
     def write(self, args: Any, value: Any) -> Any:
         # Encode now: an unencodable value fails the write, not a later flush.

@@ -41,6 +41,7 @@ from typing import Any
 
 import pytest
 
+from persistroids_dist.codec import decode_value
 from persistroids_dist.errors import FlushError
 from persistroids_dist.shard import ShardCore
 
@@ -418,6 +419,20 @@ class ConnectorContract:
         for a, g in zip(args, got):
             assert values_equal(g, self.call(conn.read, a)), a
         assert self.call(conn.read_many, []) == []
+
+    def test_read_many_encoded_matches_read(self) -> None:
+        conn = self.connected()
+        if not hasattr(conn, "read_many_encoded"):
+            pytest.skip("no read_many_encoded()")
+        from persistroids_dist.codec import encode_value
+        items = [(("renc", i), v) for i, v in enumerate(self.values)]
+        self.store(conn, items)
+        keys = [encode_value(a) for a, _ in items] + [encode_value(("renc", "absent"))]
+        got = self.call(conn.read_many_encoded, keys)
+        assert got[-1] is None
+        for (args, v), raw in zip(items, got[:-1]):
+            assert raw is not None, f"{args}: nothing read"
+            assert values_equal(decode_value(raw), v), f"{args}: {v!r} came back changed"
 
     def test_write_encoded_matches_write(self) -> None:
         conn = self.connected()

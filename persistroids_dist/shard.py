@@ -29,6 +29,7 @@ __all__ = ["ShardCore", "default_merge"]
 log = logging.getLogger("persistroids_dist.shard")
 
 _UNSET = object()
+_NONE = encode_value(None)
 
 
 def default_merge(*values: Any) -> Any:
@@ -126,6 +127,19 @@ class ShardCore:
         # Per connector, how a write reaches it: (takes encoded bytes?, callable). Resolved
         # once, so the per-write path does no attribute lookups or awaitable checks.
         self._writers = [self._writer(conn) for conn in self.connectors]
+        self._encoded_reader = self._reader()
+
+    def _reader(self) -> Callable[..., Any] | None:
+        """A connector's ``read_many_encoded``, when it alone can serve reads as stored bytes:
+        one connector, the default merge, and no subclass override of read/read_many."""
+        if len(self.connectors) != 1 or self.merge_query_fn is not default_merge:
+            return None
+        conn = self.connectors[0]
+        fn = getattr(conn, "read_many_encoded", None)
+        if fn is None or _defined_at(conn, "read_many_encoded") > min(
+                _defined_at(conn, "read"), _defined_at(conn, "read_many")):
+            return None
+        return fn
 
     def _writer(self, conn: Connector) -> tuple[bool, Callable[..., Any]]:
         fast = getattr(conn, "write_encoded", None)
@@ -216,61 +230,63 @@ class ShardCore:
                 self._load_many(kbs, abs_, missing, out)
             return out
 
+    def _load(self, kb: bytes, ab: bytes | None) -> bytes:
+        out: list[Any] = [None]
+        self._load_many((kb,), None if ab is None else (ab,), [0], out)
+        return out[0]
+
     def _load_many(self, kbs: Sequence[bytes], abs_: Sequence[bytes | None] | None,
                    missing: list[int], out: list[Any]) -> None:
-        """Fill ``out[i]`` for every missed ``i``: one batched store read per connector that
-        has ``read_many(list_of_args)``, a read per key otherwise."""
-        if len(missing) == 1 or not all(hasattr(c, "read_many") for c in self.connectors):
-            for i in missing:
-                out[i] = self._entries.get(kbs[i]) or self._load(
-                    kbs[i], None if abs_ is None else abs_[i])
-            return
-        keys = list(dict.fromkeys(kbs[i] for i in missing))  # a key asked twice is read once
-        first = {kb: i for i in reversed(missing) for kb in (kbs[i],)}
-        args = [self._args(kb, None if abs_ is None else abs_[first[kb]]) for kb in keys]
-        if self._dirty.intersection(keys) or self._time_to_flush():
-            self._flush(explicit=bool(self._dirty.intersection(keys)))
+        """Fill ``out[i]`` for every missed ``i`` from the stores (merged, else ``init_fn``),
+        caching each result; an entry written meanwhile wins (get-or-create)."""
+        first: dict[bytes, int] = {}
+        for i in missing:  # a key asked twice is read once
+            first.setdefault(kbs[i], i)
+        keys = list(first)
+        encoded = [kb if abs_ is None or abs_[first[kb]] is None else abs_[first[kb]]
+                   for kb in keys]
+        if self._dirty.intersection(keys):
+            self._flush(explicit=True)  # a store is never read while a newer write is buffered
+        elif self._time_to_flush():
+            self._flush(explicit=False)  # the seed's check, kept on misses
         self.c["misses"] += len(keys)
         self.c["read"] += len(keys)
         try:
-            columns = [self._call(c.read_many, args) for c in self.connectors]
+            found = self._read_stores(encoded)
         except Exception:
             self.c["read_errors"] += 1
             raise
         loaded: dict[bytes, bytes] = {}
-        for j, kb in enumerate(keys):
-            value = self.merge_query_fn(*(col[j] for col in columns)) if columns else None
-            if value is None and self.init_fn is not None:
-                value = self.init_fn(args[j])
+        for kb, ab, vb in zip(keys, encoded, found):
+            if vb is None and self.init_fn is not None:
+                vb = encode_value(self.init_fn(decode_value(ab)))  # cached, never persisted
             existing = self._entries.get(kb)
             if existing is None:
-                existing = encode_value(value)
+                existing = _NONE if vb is None else vb
                 self._put(kb, existing)
             loaded[kb] = existing
         for i in missing:
             out[i] = loaded[kbs[i]]
 
-    def _load(self, kb: bytes, ab: bytes | None) -> bytes:
-        self.c["misses"] += 1
-        args = self._args(kb, ab)
-        if kb in self._dirty or self._time_to_flush():
-            # A store is never read while this key has newer buffered writes.
-            self._flush(explicit=kb in self._dirty)
-        self.c["read"] += 1
-        try:
-            results = [self._call(conn.read, args) for conn in self.connectors]
-        except Exception:
-            self.c["read_errors"] += 1
-            raise
-        value = self.merge_query_fn(*results) if results else None
-        if value is None and self.init_fn is not None:
-            value = self.init_fn(args)  # cached, never persisted
-        existing = self._entries.get(kb)
-        if existing is not None:  # get-or-create: an entry written meanwhile wins
-            return existing
-        vb = encode_value(value)
-        self._put(kb, vb)
-        return vb
+    def _read_stores(self, encoded: list[bytes]) -> list[bytes | None]:
+        """The merged stored values of ``encoded`` args, encoded; None where none is stored.
+
+        One batched call per connector that has ``read_many``; with a single connector that
+        reads encoded bytes and the default merge, values are never decoded here at all.
+        """
+        if self._encoded_reader is not None:
+            return [None if vb is None or vb == _NONE else vb
+                    for vb in self._call(self._encoded_reader, encoded)]
+        args = [decode_value(ab) for ab in encoded]
+        columns = []
+        for conn in self.connectors:
+            if len(args) > 1 and hasattr(conn, "read_many"):
+                columns.append(self._call(conn.read_many, args))
+            else:
+                columns.append([self._call(conn.read, a) for a in args])
+        values = [self.merge_query_fn(*row) for row in zip(*columns)] if columns else \
+            [None] * len(args)
+        return [None if v is None else encode_value(v) for v in values]
 
     # -- writes ---------------------------------------------------------------------------
     def _write1(self, kb: bytes, ab: bytes | None, vb: bytes) -> None:

@@ -90,3 +90,33 @@ def test_rejected_writes_are_not_counted_as_writes():
         pass
     m = core.metrics()
     assert (m["write"], m["write_errors"], m["pending"]) == (1, 1, 1)
+
+
+def test_encoded_reads_skip_decoding_yet_keep_init_fn_and_none_semantics(tmp_path):
+    from connectors.sqlite import SQLiteConnector
+
+    path = tmp_path / "enc.db"
+    writer = ShardCore([SQLiteConnector(path)])
+    writer.put("n", None)
+    writer.put("v", {"x": (1, 2)})
+    writer.close()
+    reader = ShardCore([SQLiteConnector(path)], init_fn=lambda args: f"init:{args}")
+    assert reader._encoded_reader is not None
+    assert read_many(reader, ["v", "n", "absent"]) == [{"x": (1, 2)}, "init:n", "init:absent"]
+    assert reader.get("v") == {"x": (1, 2)}
+
+
+def test_a_subclass_overriding_read_is_always_called(tmp_path):
+    from connectors.sqlite import SQLiteConnector
+
+    class Audited(SQLiteConnector):
+        reads = 0
+
+        def read_many(self, args_list):
+            Audited.reads += len(args_list)
+            return super().read_many(args_list)
+
+    core = ShardCore([Audited(tmp_path / "a.db")])
+    assert core._encoded_reader is None
+    assert read_many(core, ["a", "b"]) == [None, None]
+    assert Audited.reads == 2
