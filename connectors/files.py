@@ -22,18 +22,18 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from persistroids_dist.codec import decode_value, encode_value
 from persistroids_dist.connector import BaseConnector
 
+from ._atomic import atomic_write
+
 __all__ = ["FileConnector"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _PLAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
-_TMP_PREFIX = ".tmp-"  # never a key's file name: those never start with a dot
 _CODECS = ("msgpack", "raw", "text")
 
 
@@ -144,21 +144,5 @@ class FileConnector(BaseConnector):
     def _replace(self, name: str, data: bytes) -> None:
         if os.sep in name or (os.altsep and os.altsep in name) or name in ("", ".", ".."):
             raise ValueError(f"refusing unsafe file name {name!r}")  # payloads are ours only
-        tmp = os.path.join(self.directory, f"{_TMP_PREFIX}{uuid.uuid4().hex}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileNotFoundError:
-            raise self._missing_dir() from None
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                if self.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(self.directory, name))
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(self.directory, name, lambda f: f.write(data), fsync=self.fsync,
+                     missing_dir=self._missing_dir)

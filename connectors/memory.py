@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from persistroids_dist.codec import decode_value, encode_value
-from persistroids_dist.connector import BaseConnector
+from persistroids_dist.connector import MsgpackRowsConnector
 
 __all__ = ["MemoryConnector"]
 
 
-class MemoryConnector(BaseConnector):
+class MemoryConnector(MsgpackRowsConnector):
     """Keeps flushed values in a dict owned by the shard; nothing survives the process.
 
     Values are stored encoded, so a caller can never mutate what the "store" holds.
@@ -35,11 +35,7 @@ class MemoryConnector(BaseConnector):
         state = self.state
         return [state.get(k) for k in keys]
 
-    def write(self, args: Any, value: Any) -> Any:
-        return (encode_value(args), encode_value(value))
 
-    def write_encoded(self, args_bytes: bytes, value_bytes: bytes) -> Any:
-        return (args_bytes, value_bytes)
 
     def flush(self, payloads: list[Any]) -> None:
         self.state.update(payloads)

@@ -30,7 +30,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from persistroids_dist.codec import decode_value, encode_value
-from persistroids_dist.connector import BaseConnector
+from persistroids_dist.connector import MsgpackRowsConnector
+
+from ._atomic import atomic_write
 
 __all__ = ["ParquetConnector"]
 
@@ -40,7 +42,7 @@ _TAG = re.compile(r"[^A-Za-z0-9_-]+")
 _OPEN_FILES = 4  # value columns kept in memory for reads
 
 
-class ParquetConnector(BaseConnector):
+class ParquetConnector(MsgpackRowsConnector):
     """Appends flushed batches as Parquet files under ``directory``.
 
     ``rows_per_file``: a larger batch is split into files of at most this many rows.
@@ -155,12 +157,7 @@ class ParquetConnector(BaseConnector):
             out.append(None if entry is None else self._value(entry))
         return out
 
-    def write(self, args: Any, value: Any) -> Any:
-        return (encode_value(args), encode_value(value))
 
-    def write_encoded(self, args_bytes: bytes, value_bytes: bytes) -> Any:
-        """The shard's fast path: rows are the msgpack bytes it already holds."""
-        return (args_bytes, value_bytes)
 
     def flush(self, payloads: list[Any]) -> None:
         """Append the batch as one new file (or several of at most ``rows_per_file`` rows)."""
@@ -186,20 +183,6 @@ class ParquetConnector(BaseConnector):
 
     def _write_file(self, name: str, table: pa.Table) -> None:
         # Written under a dot-name and renamed, so other instances never index a partial file.
-        tmp = os.path.join(self.directory, f".tmp-{name}")
-        try:
-            f = open(tmp, "wb")
-        except FileNotFoundError:
-            raise self._missing_dir() from None
-        try:
-            with f:
-                pq.write_table(table, f, compression=self.compression)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(self.directory, name))
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(self.directory, name,
+                     lambda f: pq.write_table(table, f, compression=self.compression),
+                     missing_dir=self._missing_dir)

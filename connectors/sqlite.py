@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from persistroids_dist.codec import decode_value, encode_value
-from persistroids_dist.connector import BaseConnector
+from persistroids_dist.connector import MsgpackRowsConnector
 
 __all__ = ["SQLiteConnector"]
 
@@ -29,7 +29,7 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _READ_CHUNK = 500
 
 
-class SQLiteConnector(BaseConnector):
+class SQLiteConnector(MsgpackRowsConnector):
     """Stores ``encode(args) -> encode(value)`` rows in table ``table`` of ``path``.
 
     ``path``: a database file (its directory must exist) or an existing directory (then one
@@ -133,13 +133,7 @@ class SQLiteConnector(BaseConnector):
                 f'SELECT k, v FROM "{self.table}" WHERE k IN ({marks})', chunk).fetchall())
         return [found.get(k) for k in keys]
 
-    def write(self, args: Any, value: Any) -> Any:
-        # Encode now: an unencodable value fails the write, not a later flush.
-        return (encode_value(args), encode_value(value))
 
-    def write_encoded(self, args_bytes: bytes, value_bytes: bytes) -> Any:
-        """The shard's fast path: rows are the msgpack bytes it already holds."""
-        return (args_bytes, value_bytes)
 
     def flush(self, payloads: list[Any]) -> None:
         """Upsert ``payloads`` in one transaction (a later payload for a key wins)."""

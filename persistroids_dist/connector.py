@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["BaseConnector", "Connector"]
+from .codec import encode_value
+
+__all__ = ["BaseConnector", "Connector", "MsgpackRowsConnector"]
 
 
 @runtime_checkable
@@ -77,3 +79,17 @@ class BaseConnector:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.get_id()!r})"
+
+
+class MsgpackRowsConnector(BaseConnector):
+    """Base for stores that keep ``(encode_value(args), encode_value(value))`` rows.
+
+    Payloads are those two byte strings. Encoding at write time makes a bad value fail the
+    write, not a later flush; ``write_encoded`` lets the shard hand over the bytes it holds.
+    """
+
+    def write(self, args: Any, value: Any) -> Any:
+        return (encode_value(args), encode_value(value))
+
+    def write_encoded(self, args_bytes: bytes, value_bytes: bytes) -> Any:
+        return (args_bytes, value_bytes)
