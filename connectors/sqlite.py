@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,19 +84,32 @@ class SQLiteConnector(MsgpackRowsConnector):
                                  isolation_level=None, check_same_thread=False)
         except sqlite3.Error as e:
             raise sqlite3.OperationalError(f"cannot open SQLite database {self.path!r}: {e}") from e
-        try:
-            db.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
-            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal" and self.path != ":memory:":
-                raise sqlite3.OperationalError(
-                    f"SQLite database {self.path!r} could not switch to WAL mode (got {mode!r})")
-            db.execute(f"PRAGMA synchronous={self.synchronous}")
-            db.execute(f'CREATE TABLE IF NOT EXISTS "{self.table}" '
-                       "(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID")
-        except BaseException:
-            db.close()
-            raise
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        while True:
+            try:
+                self._setup(db)
+                break
+            except sqlite3.OperationalError as e:
+                # Shards opening a new file at once: SQLite may refuse the WAL switch at once
+                # ("database is locked") instead of waiting in its busy handler, so wait here.
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    db.close()
+                    raise
+                time.sleep(0.01)
+            except BaseException:
+                db.close()
+                raise
         self._db = db
+
+    def _setup(self, db: sqlite3.Connection) -> None:
+        db.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal" and self.path != ":memory:":
+            raise sqlite3.OperationalError(
+                f"SQLite database {self.path!r} could not switch to WAL mode (got {mode!r})")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
+        db.execute(f'CREATE TABLE IF NOT EXISTS "{self.table}" '
+                   "(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID")
 
     def disconnect(self) -> None:
         """Close the connection (a later call reconnects)."""

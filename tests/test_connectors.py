@@ -170,3 +170,35 @@ def test_require_service_skips_or_fails(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("PERSISTROIDS_REQUIRE_SERVICES", "1")
     with pytest.raises(pytest.fail.Exception, match="PERSISTROIDS_REQUIRE_SERVICES=1"):
         require_service("nothing", "127.0.0.1", 1)
+
+
+def _open_and_write(path: str, i: int, start: Any) -> None:
+    from connectors.sqlite import SQLiteConnector
+
+    conn = SQLiteConnector(path)
+    start.wait()
+    conn.connect()
+    conn.flush([conn.write(("k", i), i)])
+    conn.disconnect()
+
+
+def test_many_sqlite_connectors_opening_one_new_file_at_once(tmp_path):
+    """Shards start together: each process opens (and switches to WAL) the same new file.
+    The race is timing-dependent, so it is run on several fresh files."""
+    import multiprocessing
+
+    from connectors.sqlite import SQLiteConnector
+
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(12):
+        path = str(tmp_path / f"fresh{attempt}.db")
+        start = ctx.Barrier(4)
+        procs = [ctx.Process(target=_open_and_write, args=(path, i, start)) for i in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * 4, f"attempt {attempt}"
+        reader = SQLiteConnector(path)
+        assert reader.read_many([("k", i) for i in range(4)]) == list(range(4))
+        reader.disconnect()
