@@ -60,6 +60,9 @@ class _Pool:
         self.near: NearCache | None = None
         # Keys this process owns under an exclusive lease: kb -> [value, vb, dirty, shard, ab].
         self.owned: dict[bytes, list[Any]] = {}
+        # Keys inside an active ``with cache.lease(...)``: a recall takes a key out of
+        # ``owned``, and the next access here takes it back (as a CPU re-fetches a line).
+        self.wanted: dict[bytes, Lease] = {}
         self.owned_lock = threading.Lock()
         # Keys whose RELEASE is on its way to the shard: leasing one again must wait for it,
         # or the new lease could start from a value without the released writes.
@@ -135,9 +138,9 @@ class _Pool:
             self.released.notify_all()
 
     def ensure_poller(self, shard: int) -> None:
-        with self.lock:
+        with self.lock:  # a poller leaves under this lock too: none can quit unnoticed
             t = self.pollers.get(shard)
-            if t is None or not t.is_alive():
+            if t is None:
                 t = threading.Thread(target=self._poll_loop, args=(shard,), daemon=True,
                                      name=f"persistroids-lease-{shard}")
                 self.pollers[shard] = t
@@ -150,8 +153,9 @@ class _Pool:
         try:
             conn = Connection(self.addresses[shard], self.spec["secret"])
             while not self.closed:
-                with self.owned_lock:
+                with self.lock, self.owned_lock:
                     if not any(e[3] == shard for e in self.owned.values()):
+                        del self.pollers[shard]  # a later lease starts a new poller
                         return
                 ttl = self.lease_ttl_ms
                 recalled = conn.call(_packb([Op.POLL, self.owner, ttl, ttl / 4]))
@@ -173,7 +177,7 @@ class _Pool:
                 conn.close()
             with self.lock:
                 if self.pollers.get(shard) is threading.current_thread():
-                    del self.pollers[shard]
+                    del self.pollers[shard]  # left by an error
 
 
 class NearCache:
@@ -344,8 +348,10 @@ class Cache:
         ``init_fn(args)``. A cached None is a hit."""
         kb, ab = self._encode(args)
         pool = self._pool
-        if pool.owned:
+        if pool.wanted:
             e = pool.owned.get(kb)
+            if e is None and kb in pool.wanted:
+                e = pool.wanted[kb].regrant(kb)
             if e is not None:  # an exclusive lease: this process holds the only copy
                 value = e[0]
                 return decode_value(e[1]) if value is _NO_VALUE else value
@@ -439,12 +445,15 @@ class Cache:
         kb, ab = self._encode(args)
         vb = encode_value(value)
         pool = self._pool
-        if pool.owned:
+        while pool.wanted:
             with pool.owned_lock:
                 e = pool.owned.get(kb)
                 if e is not None:  # owned: stays here until release or recall
                     e[0], e[1], e[2] = _local(value), vb, True
                     return value
+            if kb not in pool.wanted:
+                break
+            pool.wanted[kb].regrant(kb)  # recalled meanwhile: take it back, then retry
         if pool.near is not None:
             pool.near.put(kb, vb, value)
         shard = self._table[slot_of(kb)]
@@ -497,7 +506,7 @@ class Cache:
         pool = self._pool
         if not callable(fn):
             raise TypeError(f"update needs a callable, got {type(fn).__qualname__}")
-        if pool.owned:
+        while pool.wanted:
             with pool.owned_lock:
                 e = pool.owned.get(kb)
                 if e is not None:
@@ -505,6 +514,9 @@ class Cache:
                     vb = encode_value(value)
                     e[0], e[1], e[2] = _local(value), vb, True
                     return value if wait else None
+            if kb not in pool.wanted:
+                break
+            pool.wanted[kb].regrant(kb)
         shard = self._table[slot_of(kb)]
         digest, blob = self._function(fn)
         conn = pool.conn(shard)
@@ -606,6 +618,7 @@ class Cache:
         everything running so no write is lost; call again once the store is back."""
         if self._pool.closed:
             raise CacheClosedError(f"cache {self.name!r} was already shut down")
+        self._pool.wanted.clear()
         self._push_owned(self._pool.take_owned(list(self._pool.owned)))
         self.sync()
         coordinator = self._spec["coordinator"]
@@ -629,15 +642,36 @@ class Lease:
         self.held = False
 
     def acquire(self) -> Lease:
+        pool = self.cache._pool
+        kbs = [kb for kb, _ in self.keys]
+        with pool.owned_lock:
+            if any(kb in pool.wanted for kb in kbs):
+                raise ValueError("a key of this lease is already leased by this process")
+            for kb in kbs:
+                pool.wanted[kb] = self
+        try:
+            self._grant(self.keys)
+        except BaseException:
+            with pool.owned_lock:
+                for kb in kbs:
+                    pool.wanted.pop(kb, None)
+            raise
+        self.held = True
+        return self
+
+    def regrant(self, kb: bytes) -> list[Any] | None:
+        """Take back a key a recall took away while this lease is held; its owned entry."""
+        self._grant([k for k in self.keys if k[0] == kb])
+        return self.cache._pool.owned.get(kb)
+
+    def _grant(self, keys: list[tuple[bytes, bytes | None]]) -> None:
         cache, pool = self.cache, self.cache._pool
         pool.lease_ttl_ms = self.ttl_ms
-        groups: dict[int, list[tuple[bytes, bytes | None]]] = {}
-        kbs = [kb for kb, _ in self.keys]
+        kbs = [kb for kb, _ in keys]
         with pool.released:
-            if any(kb in pool.owned for kb in kbs):
-                raise ValueError("a key of this lease is already leased by this process")
             pool.released.wait_for(lambda: pool.releasing.isdisjoint(kbs), timeout=60)
-        for kb, ab in self.keys:
+        groups: dict[int, list[tuple[bytes, bytes | None]]] = {}
+        for kb, ab in keys:
             groups.setdefault(cache._table[slot_of(kb)], []).append((kb, ab))
         cache.sync()  # our pipelined writes to these keys land before the lease is taken
         values = cache._scatter({s: _packb([Op.LEASE, [kb for kb, _ in g], pool.owner,
@@ -645,13 +679,9 @@ class Lease:
         with pool.owned_lock:
             for s, g in groups.items():
                 for (kb, ab), vb in zip(g, values[s]):
-                    value = decode_value(vb)
-                    pool.owned[kb] = [_local(value),
-                                      vb, False, s, ab]
+                    pool.owned[kb] = [_local(decode_value(vb)), vb, False, s, ab]
         for s in groups:
             pool.ensure_poller(s)
-        self.held = True
-        return self
 
     def flush(self) -> None:
         """Send the writes made under this lease to the shards, keeping the lease."""
@@ -671,6 +701,10 @@ class Lease:
             return
         self.held = False
         pool = self.cache._pool
+        with pool.owned_lock:
+            for kb, _ in self.keys:
+                if pool.wanted.get(kb) is self:
+                    del pool.wanted[kb]
         self.cache._push_owned(pool.take_owned([kb for kb, _ in self.keys]))
         errors = pool.lease_errors
         if errors:
