@@ -9,10 +9,7 @@ process sees its own writes in order (read-your-writes).
 from __future__ import annotations
 
 import hashlib
-import os
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -21,8 +18,11 @@ import ray
 from ray import cloudpickle
 
 from .codec import NUM_SLOTS, decode_value, encode_key, encode_value, slot_of
-from .errors import CacheClosedError, LeaseLostError
-from .transport import Connection, Op
+from .errors import CacheClosedError
+from .lease import Lease
+from .near import NO_VALUE, NearCache, local_value
+from .pool import LINGER, pool_for
+from .transport import Op
 
 __all__ = ["Cache", "NAMESPACE"]
 
@@ -32,239 +32,11 @@ NAMESPACE = "persistroids"
 _packb = msgpack.packb
 _NO_CHECKPOINT = object()
 _monotonic = time.monotonic
-# Values of these types can be handed out from a local copy without decoding it again:
-# the caller cannot mutate them.
-_IMMUTABLE = frozenset((int, float, str, bytes, bool, type(None)))
-_NO_VALUE = object()
-
-
-def _local(value: Any) -> Any:
-    """What a local copy keeps besides the bytes: the value if it is immutable."""
-    return value if type(value) in _IMMUTABLE else _NO_VALUE
 
 
 def slot_table(num_shards: int) -> list[int]:
     """Contiguous slot ranges per shard (resharding later moves ranges of slots)."""
     return [slot * num_shards // NUM_SLOTS for slot in range(NUM_SLOTS)]
-
-
-class _Pool:
-    """One process's connections to the shards of one cache."""
-
-    def __init__(self, spec: dict[str, Any]) -> None:
-        self.spec = spec
-        self.addresses: list[dict[str, Any]] = list(spec["addresses"])
-        self.conns: list[Connection | None] = [None] * spec["num_shards"]
-        self.lock = threading.Lock()
-        self.closed = False
-        self.near: NearCache | None = None
-        # Keys this process owns under an exclusive lease: kb -> [value, vb, dirty, shard, ab].
-        self.owned: dict[bytes, list[Any]] = {}
-        # Keys inside an active ``with cache.lease(...)``: a recall takes a key out of
-        # ``owned``, and the next access here takes it back (as a CPU re-fetches a line).
-        self.wanted: dict[bytes, Lease] = {}
-        self.owned_lock = threading.Lock()
-        # Keys whose RELEASE is on its way to the shard: leasing one again must wait for it,
-        # or the new lease could start from a value without the released writes.
-        self.releasing: set[bytes] = set()
-        self.released = threading.Condition(self.owned_lock)
-        self.owner = os.urandom(16)
-        self.lease_ttl_ms = 5000.0
-        self.lease_errors: list[BaseException] = []
-        self.pollers: dict[int, threading.Thread] = {}
-
-    def conn(self, shard: int) -> Connection:
-        c = self.conns[shard]
-        if c is not None and not c.closed:
-            return c
-        with self.lock:
-            if self.closed:
-                raise CacheClosedError(f"cache {self.spec['name']!r} was shut down")
-            c = self.conns[shard]
-            if c is None or c.closed:
-                try:
-                    c = Connection(self.addresses[shard], self.spec["secret"])
-                except (ConnectionError, FileNotFoundError, OSError):
-                    self.addresses[shard] = self._resolve(shard)
-                    c = Connection(self.addresses[shard], self.spec["secret"])
-                self.conns[shard] = c
-            return c
-
-    def _resolve(self, shard: int) -> dict[str, Any]:
-        # The shard may have been restarted by Ray with a new socket: ask it where it is.
-        try:
-            return ray.get(self.spec["shards"][shard].address.remote(), timeout=60)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-            raise CacheClosedError(
-                f"cache {self.spec['name']!r}: shard {shard} is gone ({type(e).__name__}); "
-                "was the cache shut down?") from None
-
-    def drop(self, shard: int) -> None:
-        c = self.conns[shard]
-        if c is not None:
-            c.close()
-        self.conns[shard] = None
-
-    def close(self) -> None:
-        with self.lock:
-            self.closed = True
-            for i in range(len(self.conns)):
-                self.drop(i)
-        with _POOLS_LOCK:
-            if _POOLS.get((self.spec["name"], self.spec["secret"])) is self:
-                del _POOLS[(self.spec["name"], self.spec["secret"])]
-
-    def take_owned(self, kbs: Iterable[bytes]) -> dict[int, tuple[list[Any], list[bytes]]]:
-        """Stop owning ``kbs``; return per shard the dirty writes to push and the keys."""
-        out: dict[int, tuple[list[Any], list[bytes]]] = {}
-        with self.owned_lock:
-            for kb in kbs:
-                e = self.owned.pop(kb, None)
-                if e is None:
-                    continue
-                self.releasing.add(kb)  # until done_releasing(): see acquire()
-                if self.near is not None:  # keep read-your-writes once the lease is gone
-                    self.near.put(kb, e[1])
-                items, keys = out.setdefault(e[3], ([], []))
-                keys.append(kb)
-                if e[2]:
-                    items.append([kb, e[4], e[1]])
-        return out
-
-    def done_releasing(self, per_shard: dict[int, tuple[list[Any], list[bytes]]]) -> None:
-        with self.released:
-            for _, keys in per_shard.values():
-                self.releasing.difference_update(keys)
-            self.released.notify_all()
-
-    def ensure_poller(self, shard: int) -> None:
-        with self.lock:  # a poller leaves under this lock too: none can quit unnoticed
-            t = self.pollers.get(shard)
-            if t is None:
-                t = threading.Thread(target=self._poll_loop, args=(shard,), daemon=True,
-                                     name=f"persistroids-lease-{shard}")
-                self.pollers[shard] = t
-                t.start()
-
-    def _poll_loop(self, shard: int) -> None:
-        """Renew this process's leases on ``shard`` and answer recalls as soon as they come
-        (a long poll on a connection of its own)."""
-        conn = None
-        try:
-            conn = Connection(self.addresses[shard], self.spec["secret"])
-            while not self.closed:
-                with self.lock, self.owned_lock:
-                    if not any(e[3] == shard for e in self.owned.values()):
-                        del self.pollers[shard]  # a later lease starts a new poller
-                        return
-                ttl = self.lease_ttl_ms
-                recalled = conn.call(_packb([Op.POLL, self.owner, ttl, ttl / 4]))
-                if recalled:
-                    # Keys no longer owned here are released too: the shard still has them.
-                    taken = self.take_owned(recalled)
-                    try:
-                        items = taken.get(shard, ([], []))[0]
-                        conn.call(_packb([Op.RELEASE, self.owner, items, recalled]))
-                    finally:
-                        self.done_releasing(taken)
-        except LeaseLostError as e:
-            self.lease_errors.append(e)
-        except (ConnectionError, OSError) as e:
-            if not self.closed:
-                self.lease_errors.append(e)
-        finally:
-            if conn is not None:
-                conn.close()
-            with self.lock:
-                if self.pollers.get(shard) is threading.current_thread():
-                    del self.pollers[shard]  # left by an error
-
-
-class NearCache:
-    """A process-local copy of recently read values, each trusted for ``lease_ms``.
-
-    Guarantees: read-your-writes (this process's writes update it) and bounded staleness (a
-    value another process wrote is seen at most ``lease_ms`` after it was applied).
-    """
-
-    def __init__(self, lease_ms: float, max_entries: int) -> None:
-        if lease_ms <= 0 or max_entries < 1:
-            raise ValueError("near cache needs lease_ms > 0 and max_entries >= 1")
-        self.ttl = lease_ms / 1000
-        self.max_entries = max_entries
-        self.entries: OrderedDict[bytes, tuple[bytes, float, Any]] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def put(self, kb: bytes, vb: bytes, value: Any = _NO_VALUE,
-            since: float | None = None) -> None:
-        """Trust ``vb`` until ``lease_ms`` after ``since``: when the request that produced it
-        was sent (a slow answer must not stretch the staleness bound). An entry from a
-        later request is kept (a slow read must not hide this process's newer write)."""
-        entries = self.entries
-        expires = (_monotonic() if since is None else since) + self.ttl
-        old = entries.get(kb)
-        if old is not None and old[1] > expires:
-            return
-        entries[kb] = (vb, expires, _local(value))
-        if len(entries) > self.max_entries:
-            entries.popitem(last=False)
-
-
-_POOLS: dict[tuple[str, bytes], _Pool] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def _pool_for(spec: dict[str, Any]) -> _Pool:
-    key = (spec["name"], spec["secret"])
-    pool = _POOLS.get(key)
-    if pool is None or pool.closed:
-        with _POOLS_LOCK:
-            pool = _POOLS.get(key)
-            if pool is None or pool.closed:
-                pool = _POOLS[key] = _Pool(spec)
-    return pool
-
-
-class _Linger:
-    """Sends queued writes that no batch-size limit or later request has sent, a short
-    ``delay`` after the first of them was queued (one daemon thread per process)."""
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.cond = threading.Condition()
-        self.armed: list[Connection] = []
-        self.thread: threading.Thread | None = None
-
-    def arm(self, conn: Connection) -> None:
-        with self.cond:
-            self.armed.append(conn)
-            if self.thread is None or not self.thread.is_alive():
-                self.thread = threading.Thread(target=self._run, daemon=True,
-                                               name="persistroids-linger")
-                self.thread.start()
-            self.cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self.cond:
-                while not self.armed:
-                    self.cond.wait()
-            time.sleep(self.delay)
-            with self.cond:
-                armed, self.armed = self.armed, []
-            for conn in armed:
-                with conn.lock:
-                    if conn.closed:
-                        continue
-                    try:
-                        conn.send_queue()
-                    except (ConnectionError, OSError) as e:
-                        conn.deferred.append(ConnectionError(f"queued writes were lost: {e}"))
-                        conn.close()
-
-
-_LINGER = _Linger(0.001)
 
 
 def _rebuild(spec: dict[str, Any], near: tuple[float, int] | None = None) -> Cache:
@@ -287,7 +59,7 @@ class Cache:
         self.num_shards: int = spec["num_shards"]
         self._cache_key: Callable[[Any], Any] | None = spec.get("cache_key")
         self._table = slot_table(self.num_shards)
-        self._pool = _pool_for(spec)
+        self._pool = pool_for(spec)
         self._fns: dict[int, tuple[Any, bytes, bytes]] = {}
         self._near_opts = near
         self._near: NearCache | None = None
@@ -354,13 +126,13 @@ class Cache:
                 e = pool.wanted[kb].regrant(kb)
             if e is not None:  # an exclusive lease: this process holds the only copy
                 value = e[0]
-                return decode_value(e[1]) if value is _NO_VALUE else value
+                return decode_value(e[1]) if value is NO_VALUE else value
         near = self._near
         if near is not None and checkpoint is _NO_CHECKPOINT:
             hit = near.entries.get(kb)
             if hit is not None and hit[1] > _monotonic():
                 near.hits += 1
-                return decode_value(hit[0]) if hit[2] is _NO_VALUE else hit[2]
+                return decode_value(hit[0]) if hit[2] is NO_VALUE else hit[2]
             near.misses += 1
         shard = self._table[slot_of(kb)]
         if checkpoint is _NO_CHECKPOINT:
@@ -387,13 +159,13 @@ class Cache:
             out.append(None)
             e = owned.get(kb) if owned else None
             if e is not None:
-                out[i] = decode_value(e[1]) if e[0] is _NO_VALUE else e[0]
+                out[i] = decode_value(e[1]) if e[0] is NO_VALUE else e[0]
                 continue
             if near is not None:
                 hit = near.entries.get(kb)
                 if hit is not None and hit[1] > _monotonic():
                     near.hits += 1
-                    out[i] = decode_value(hit[0]) if hit[2] is _NO_VALUE else hit[2]
+                    out[i] = decode_value(hit[0]) if hit[2] is NO_VALUE else hit[2]
                     continue
                 near.misses += 1
             g = groups.get(s := self._table[slot_of(kb)])
@@ -449,7 +221,7 @@ class Cache:
             with pool.owned_lock:
                 e = pool.owned.get(kb)
                 if e is not None:  # owned: stays here until release or recall
-                    e[0], e[1], e[2] = _local(value), vb, True
+                    e[0], e[1], e[2] = local_value(value), vb, True
                     return value
             if kb not in pool.wanted:
                 break
@@ -471,7 +243,7 @@ class Cache:
             self._pool.drop(shard)
             raise ConnectionError(f"cache {self.name!r}: lost shard {shard}: {e}") from e
         if first:
-            _LINGER.arm(conn)
+            LINGER.arm(conn)
         return value
 
     def write_many(self, items: Iterable[tuple[Any, Any]]) -> int:
@@ -512,7 +284,7 @@ class Cache:
                 if e is not None:
                     value = fn(decode_value(e[1]))
                     vb = encode_value(value)
-                    e[0], e[1], e[2] = _local(value), vb, True
+                    e[0], e[1], e[2] = local_value(value), vb, True
                     return value if wait else None
             if kb not in pool.wanted:
                 break
@@ -626,97 +398,6 @@ class Cache:
         self._pool.close()
         ray.kill(coordinator)
         return aggregate(shards)
-
-
-class Lease:
-    """An exclusive lease on some keys; see ``Cache.lease``."""
-
-    def __init__(self, cache: Cache, args_list: list[Any], ttl_ms: float) -> None:
-        if ttl_ms <= 0:
-            raise ValueError(f"ttl_ms must be > 0, got {ttl_ms!r}")
-        if not args_list:
-            raise ValueError("lease() needs at least one key")
-        self.cache = cache
-        self.ttl_ms = ttl_ms
-        self.keys = [cache._encode(a) for a in args_list]
-        self.held = False
-
-    def acquire(self) -> Lease:
-        pool = self.cache._pool
-        kbs = [kb for kb, _ in self.keys]
-        with pool.owned_lock:
-            if any(kb in pool.wanted for kb in kbs):
-                raise ValueError("a key of this lease is already leased by this process")
-            for kb in kbs:
-                pool.wanted[kb] = self
-        try:
-            self._grant(self.keys)
-        except BaseException:
-            with pool.owned_lock:
-                for kb in kbs:
-                    pool.wanted.pop(kb, None)
-            raise
-        self.held = True
-        return self
-
-    def regrant(self, kb: bytes) -> list[Any] | None:
-        """Take back a key a recall took away while this lease is held; its owned entry."""
-        self._grant([k for k in self.keys if k[0] == kb])
-        return self.cache._pool.owned.get(kb)
-
-    def _grant(self, keys: list[tuple[bytes, bytes | None]]) -> None:
-        cache, pool = self.cache, self.cache._pool
-        pool.lease_ttl_ms = self.ttl_ms
-        kbs = [kb for kb, _ in keys]
-        with pool.released:
-            pool.released.wait_for(lambda: pool.releasing.isdisjoint(kbs), timeout=60)
-        groups: dict[int, list[tuple[bytes, bytes | None]]] = {}
-        for kb, ab in keys:
-            groups.setdefault(cache._table[slot_of(kb)], []).append((kb, ab))
-        cache.sync()  # our pipelined writes to these keys land before the lease is taken
-        values = cache._scatter({s: _packb([Op.LEASE, [kb for kb, _ in g], pool.owner,
-                                            self.ttl_ms]) for s, g in groups.items()})
-        with pool.owned_lock:
-            for s, g in groups.items():
-                for (kb, ab), vb in zip(g, values[s]):
-                    pool.owned[kb] = [_local(decode_value(vb)), vb, False, s, ab]
-        for s in groups:
-            pool.ensure_poller(s)
-
-    def flush(self) -> None:
-        """Send the writes made under this lease to the shards, keeping the lease."""
-        pool = self.cache._pool
-        per_shard: dict[int, tuple[list[Any], list[bytes]]] = {}
-        with pool.owned_lock:
-            for kb, ab in self.keys:
-                e = pool.owned.get(kb)
-                if e is not None and e[2]:
-                    per_shard.setdefault(e[3], ([], []))[0].append([kb, ab, e[1]])
-                    e[2] = False
-        self.cache._push_owned(per_shard, release=False)
-
-    def release(self) -> None:
-        """Send the writes made under this lease to the shards and give the keys back."""
-        if not self.held:
-            return
-        self.held = False
-        pool = self.cache._pool
-        with pool.owned_lock:
-            for kb, _ in self.keys:
-                if pool.wanted.get(kb) is self:
-                    del pool.wanted[kb]
-        self.cache._push_owned(pool.take_owned([kb for kb, _ in self.keys]))
-        errors = pool.lease_errors
-        if errors:
-            first = errors[0]
-            del errors[:]
-            raise first
-
-    def __enter__(self) -> Lease:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def _get(ref: Any) -> Any:
