@@ -262,3 +262,24 @@ def test_write_many_applies_every_item_a_store_does_not_refuse(make_cache, tmp_p
         cache.write_many([("a", 1), ("b", "forbidden"), ("c", 3)])
     assert refused.value.errors[0][0] == 1
     assert cache.read_many(["a", "b", "c"]) == [1, None, 3]
+
+
+def test_another_driver_process_connects_by_name(make_cache):
+    """As a notebook would: a separate Python process joins the Ray cluster and the cache."""
+    import subprocess
+    import sys
+
+    cache = make_cache(name="shared-with-driver", init_fn=lambda a: 0)
+    cache.write("from-first", 41, wait=True)
+    code = (
+        "import persistroids_dist as pd\n"
+        "c = pd.connect('shared-with-driver')\n"
+        "c.write('from-second', c.read('from-first') + 1, wait=True)\n"
+        "print(c.update('counter', lambda v: v + 5))\n"
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "5"
+    assert cache.read_many(["from-second", "counter"]) == [42, 5]
