@@ -53,19 +53,22 @@ def prefix() -> Iterator[str]:
 
 class TestRedisKeysContract(ConnectorContract):
     duplicate_keys_in_batch = True
+    mode_options: dict[str, str] = {}
 
     def make_connector(self) -> RedisConnector:
-        return RedisConnector(URL, prefix=f"persistroids-test:{self.name}:")
+        return RedisConnector(URL, prefix=f"persistroids-test:{self.name}:",
+                              **self.mode_options)
 
     def make_down_connector(self) -> RedisConnector:
         return RedisConnector(f"redis://:{SECRET}@127.0.0.1:1/0", prefix=f"pt:{self.name}:",
-                              socket_timeout_s=1)
+                              socket_timeout_s=1, **self.mode_options)
 
     def make_outage(self) -> Outage:
         proxy = TcpProxy(HOST, PORT).start()
         self.on_teardown(proxy.stop)
         url = f"redis://127.0.0.1:{proxy.port}{_parts.path or '/0'}"
-        conn = RedisConnector(url, prefix=f"persistroids-test:{self.name}:", socket_timeout_s=1)
+        conn = RedisConnector(url, prefix=f"persistroids-test:{self.name}:", socket_timeout_s=1,
+                              **self.mode_options)
         return Outage(conn, proxy.down)
 
     def secret_strings(self) -> list[str]:
@@ -75,15 +78,10 @@ class TestRedisKeysContract(ConnectorContract):
         _delete_prefix(f"persistroids-test:{self.name}:")
 
 
-class TestRedisHashContract(ConnectorContract):
-    duplicate_keys_in_batch = True
+class TestRedisHashContract(TestRedisKeysContract):
+    """The same contract, outages included, with every key in one hash and raw key bytes."""
 
-    def make_connector(self) -> RedisConnector:
-        return RedisConnector(URL, prefix=f"persistroids-test:{self.name}:", mode="hash",
-                              key_format="raw")
-
-    def cleanup(self) -> None:
-        _delete_prefix(f"persistroids-test:{self.name}:")
+    mode_options = {"mode": "hash", "key_format": "raw"}
 
 
 def test_ttl(prefix: str) -> None:
