@@ -28,7 +28,7 @@ from typing import Any
 from persistroids_dist.codec import decode_value, encode_value
 from persistroids_dist.connector import BaseConnector
 
-from ._atomic import atomic_write
+from ._fs import atomic_write, ensure_directory, missing_directory, store_directory
 
 __all__ = ["FileConnector"]
 
@@ -51,9 +51,7 @@ class FileConnector(BaseConnector):
                  fsync: bool = True) -> None:
         if codec not in _CODECS:
             raise ValueError(f"codec must be one of {_CODECS}, got {codec!r}")
-        self.directory = os.path.abspath(os.fspath(directory))
-        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
-            raise NotADirectoryError(f"FileConnector: {self.directory!r} is not a directory")
+        self.directory = store_directory(directory, "FileConnector")
         self.codec = codec
         self.plain_names = plain_names
         self.create = create
@@ -66,15 +64,10 @@ class FileConnector(BaseConnector):
 
     def connect(self) -> None:
         """Check (or create) the directory."""
-        if os.path.isdir(self.directory):
-            return
-        if not self.create:
-            raise FileNotFoundError(f"FileConnector directory {self.directory!r} does not exist")
-        os.makedirs(self.directory, exist_ok=True)
+        ensure_directory(self.directory, "FileConnector", self.create)
 
     def _missing_dir(self) -> FileNotFoundError:
-        return FileNotFoundError(f"FileConnector directory {self.directory!r} does not exist "
-                                 "(removed or unmounted?)")
+        return missing_directory(self.directory, "FileConnector")
 
     def file_name(self, args: Any) -> str:
         """The file name (not a path) that holds the value of ``args``."""

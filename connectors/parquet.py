@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from persistroids_dist.codec import decode_value, encode_value
 from persistroids_dist.connector import MsgpackRowsConnector
 
-from ._atomic import atomic_write
+from ._fs import atomic_write, ensure_directory, missing_directory, store_directory
 
 __all__ = ["ParquetConnector"]
 
@@ -56,9 +56,7 @@ class ParquetConnector(MsgpackRowsConnector):
         if isinstance(rows_per_file, bool) or not isinstance(rows_per_file, int) \
                 or rows_per_file < 1:
             raise ValueError(f"rows_per_file must be an int >= 1, got {rows_per_file!r}")
-        self.directory = os.path.abspath(os.fspath(directory))
-        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
-            raise NotADirectoryError(f"ParquetConnector: {self.directory!r} is not a directory")
+        self.directory = store_directory(directory, "ParquetConnector")
         self.rows_per_file = rows_per_file
         self.compression = compression
         self.create = create
@@ -80,17 +78,13 @@ class ParquetConnector(MsgpackRowsConnector):
         return f"ParquetConnector(directory={self.directory!r}, id={self.id!r})"
 
     def _missing_dir(self) -> FileNotFoundError:
-        return FileNotFoundError(f"ParquetConnector directory {self.directory!r} does not exist "
-                                 "(removed or unmounted?)")
+        return missing_directory(self.directory, "ParquetConnector")
 
     def connect(self) -> None:
         """Check (or create) the directory and index the files in it."""
         if self._index is not None:
             return
-        if not os.path.isdir(self.directory):
-            if not self.create:
-                raise self._missing_dir()
-            os.makedirs(self.directory, exist_ok=True)
+        ensure_directory(self.directory, "ParquetConnector", self.create)
         self._index = {}
         self._refresh()
 

@@ -1,4 +1,4 @@
-"""Atomic file replacement shared by the file-based connectors."""
+"""Filesystem helpers shared by the directory-backed connectors (files, parquet)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,25 @@ def atomic_write(directory: str, name: str, write: Callable[[BinaryIO], None], *
         except OSError:
             pass
         raise
+
+
+def store_directory(directory: str | os.PathLike[str], owner: str) -> str:
+    """The absolute path of a connector's directory; refuses a path that is a plain file."""
+    path = os.path.abspath(os.fspath(directory))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{owner}: {path!r} is not a directory")
+    return path
+
+
+def missing_directory(directory: str, owner: str) -> FileNotFoundError:
+    return FileNotFoundError(f"{owner} directory {directory!r} does not exist "
+                             "(removed or unmounted?)")
+
+
+def ensure_directory(directory: str, owner: str, create: bool) -> None:
+    """Create ``directory`` if absent and ``create``; else raise if it is missing."""
+    if os.path.isdir(directory):
+        return
+    if not create:
+        raise missing_directory(directory, owner)
+    os.makedirs(directory, exist_ok=True)
