@@ -100,6 +100,12 @@ class Cache:
         """The index of the shard that owns ``args``' key."""
         return self._table[slot_of(self._encode(args)[0])]
 
+    def _lost(self, shard: int, error: BaseException) -> ConnectionError:
+        """Forget the broken connection to ``shard`` (the next call reconnects, finding a
+        restarted shard through Ray) and describe the loss."""
+        self._pool.drop(shard)
+        return ConnectionError(f"cache {self.name!r}: lost shard {shard}: {error}")
+
     def _call(self, shard: int, frame: bytes, retry: bool = False) -> Any:
         pool = self._pool
         conn = pool.conn(shard)
@@ -107,9 +113,9 @@ class Cache:
             with conn.lock:
                 return conn.call(frame)
         except (ConnectionError, OSError) as e:
-            pool.drop(shard)
+            lost = self._lost(shard, e)
             if not retry:
-                raise ConnectionError(f"cache {self.name!r}: lost shard {shard}: {e}") from e
+                raise lost from e
             conn = pool.conn(shard)
             with conn.lock:
                 return conn.call(frame)
@@ -240,8 +246,7 @@ class Cache:
             with conn.lock:
                 first = conn.queue_write([kb, ab, vb])
         except (ConnectionError, OSError) as e:
-            self._pool.drop(shard)
-            raise ConnectionError(f"cache {self.name!r}: lost shard {shard}: {e}") from e
+            raise self._lost(shard, e) from e
         if first:
             LINGER.arm(conn)
         return value
@@ -303,8 +308,7 @@ class Cache:
                     conn.send(frame)  # later frames on this connection find fn registered
                 conn.known_functions.add(digest)
         except (ConnectionError, OSError) as e:
-            pool.drop(shard)
-            raise ConnectionError(f"cache {self.name!r}: lost shard {shard}: {e}") from e
+            raise self._lost(shard, e) from e
         if not wait:
             if pool.near is not None:
                 pool.near.entries.pop(kb, None)
