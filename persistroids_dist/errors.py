@@ -1,9 +1,27 @@
-"""Exceptions raised by persistroids_dist."""
+"""Exceptions raised by persistroids_dist.
+
+Every error is a ``PersistroidsError`` and, where one fits, also the built-in exception people
+already catch: a lost shard is a ``ConnectionError``, a missing cache a ``LookupError``, garbage
+from a store a ``ValueError``. Errors raised inside a shard reach the caller as these types
+(never wrapped in Ray's exceptions).
+"""
 
 from __future__ import annotations
 
-__all__ = ["AuthenticationError", "CacheClosedError", "FlushError", "LeaseLostError",
-           "PersistroidsError", "RemoteError", "WriteError"]
+__all__ = [
+    "AuthenticationError",
+    "CacheClosedError",
+    "CacheNotFoundError",
+    "FlushError",
+    "LeaseLostError",
+    "PersistroidsError",
+    "RemoteError",
+    "ShardUnavailableError",
+    "StoreDataError",
+    "StoreUnavailableError",
+    "UnacknowledgedWritesError",
+    "WriteError",
+]
 
 
 class PersistroidsError(Exception):
@@ -47,7 +65,7 @@ class RemoteError(PersistroidsError):
     """An exception raised inside a shard that could not be re-raised as its own type."""
 
 
-class AuthenticationError(PersistroidsError):
+class AuthenticationError(PersistroidsError, PermissionError):
     """A peer did not prove the cache's secret."""
 
 
@@ -55,5 +73,40 @@ class LeaseLostError(PersistroidsError):
     """An exclusive lease expired (its owner stopped renewing) before its writes came back."""
 
 
-class CacheClosedError(PersistroidsError):
-    """The cache was shut down."""
+class CacheClosedError(PersistroidsError, RuntimeError):
+    """The cache was shut down (or its coordinator is gone)."""
+
+
+class CacheNotFoundError(PersistroidsError, LookupError):
+    """No running cache has that name."""
+
+
+class ShardUnavailableError(PersistroidsError, ConnectionError):
+    """A shard could not be reached (it died, is restarting, or the cache is gone)."""
+
+
+class UnacknowledgedWritesError(ShardUnavailableError):
+    """A shard was lost before it acknowledged some writes this process sent it.
+
+    ``shard`` is its index and ``count`` how many writes are unaccounted for: each may or may
+    not have been applied. Nothing else this process sent is affected.
+    """
+
+    def __init__(self, shard: int, count: int, detail: str = "") -> None:
+        self.shard = shard
+        self.count = count
+        self.detail = detail
+        super().__init__(f"shard {shard} was lost before acknowledging {count} write(s); "
+                         f"they may not have been applied{': ' + detail if detail else ''}")
+
+    def __reduce__(self):
+        return (type(self), (self.shard, self.count, self.detail))
+
+
+class StoreUnavailableError(PersistroidsError, ConnectionError):
+    """A store could not be read or written in time; cached keys keep working."""
+
+
+class StoreDataError(PersistroidsError, ValueError):
+    """A connector returned data the cache cannot use (undecodable bytes, a wrong type, a
+    result list of the wrong length). Nothing of it was cached."""
