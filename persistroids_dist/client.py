@@ -17,11 +17,11 @@ import msgpack
 import ray
 from ray import cloudpickle
 
-from .codec import NUM_SLOTS, decode_value, encode_key, encode_value, slot_of
+from .codec import decode_value, encode_key, encode_value, slot_of
 from .errors import CacheClosedError
 from .lease import Lease
-from .near import NO_VALUE, NearCache, local_value
-from .pool import LINGER, pool_for
+from .near import NO_VALUE, NearCache
+from .pool import LINGER, pool_for, slot_table
 from .transport import Op
 
 __all__ = ["Cache", "NAMESPACE"]
@@ -32,11 +32,6 @@ NAMESPACE = "persistroids"
 _packb = msgpack.packb
 _NO_CHECKPOINT = object()
 _monotonic = time.monotonic
-
-
-def slot_table(num_shards: int) -> list[int]:
-    """Contiguous slot ranges per shard (resharding later moves ranges of slots)."""
-    return [slot * num_shards // NUM_SLOTS for slot in range(NUM_SLOTS)]
 
 
 def _rebuild(spec: dict[str, Any], near: tuple[float, int] | None = None) -> Cache:
@@ -125,14 +120,11 @@ class Cache:
         """Return the value for ``args``: from the cache, else the stores (merged), else
         ``init_fn(args)``. A cached None is a hit."""
         kb, ab = self._encode(args)
-        pool = self._pool
-        if pool.wanted:
-            e = pool.owned.get(kb)
-            if e is None and kb in pool.wanted:
-                e = pool.wanted[kb].regrant(kb)
+        leases = self._pool.leases
+        if leases.wanted:
+            e = leases.local(kb)
             if e is not None:  # an exclusive lease: this process holds the only copy
-                value = e[0]
-                return decode_value(e[1]) if value is NO_VALUE else value
+                return e.get()
         near = self._near
         if near is not None and checkpoint is _NO_CHECKPOINT:
             hit = near.entries.get(kb)
@@ -157,7 +149,7 @@ class Cache:
         groups: dict[int, tuple[list[int], list[bytes], list[bytes | None]]] = {}
         n = 0
         near = self._near
-        owned = self._pool.owned
+        owned = self._pool.leases.owned
         out: list[Any] = []
         for i, args in enumerate(args_list):
             kb, ab = self._encode(args)
@@ -165,7 +157,7 @@ class Cache:
             out.append(None)
             e = owned.get(kb) if owned else None
             if e is not None:
-                out[i] = decode_value(e[1]) if e[0] is NO_VALUE else e[0]
+                out[i] = e.get()
                 continue
             if near is not None:
                 hit = near.entries.get(kb)
@@ -196,22 +188,7 @@ class Cache:
 
     def _scatter(self, frames: dict[int, bytes]) -> dict[int, Any]:
         """Send one request per shard, then collect the answers: one round trip overall."""
-        conns = [(s, self._pool.conn(s)) for s in sorted(frames)]
-        held = []
-        try:
-            for _, c in conns:  # sorted order: no deadlock with another thread doing the same
-                c.lock.acquire()
-                held.append(c)
-            for s, c in conns:
-                c.begin(frames[s])
-            return {s: c.finish() for s, c in conns}
-        except (ConnectionError, OSError) as e:
-            for s, _ in conns:
-                self._pool.drop(s)
-            raise ConnectionError(f"cache {self.name!r}: lost a shard: {e}") from e
-        finally:
-            for c in held:
-                c.lock.release()
+        return self._pool.scatter(frames)
 
     # -- writes -----------------------------------------------------------------------------
     def write(self, args: Any, value: Any, *, wait: bool = False,
@@ -223,15 +200,8 @@ class Cache:
         kb, ab = self._encode(args)
         vb = encode_value(value)
         pool = self._pool
-        while pool.wanted:
-            with pool.owned_lock:
-                e = pool.owned.get(kb)
-                if e is not None:  # owned: stays here until release or recall
-                    e[0], e[1], e[2] = local_value(value), vb, True
-                    return value
-            if kb not in pool.wanted:
-                break
-            pool.wanted[kb].regrant(kb)  # recalled meanwhile: take it back, then retry
+        if pool.leases.wanted and pool.leases.write_local(kb, value, vb):
+            return value
         if pool.near is not None:
             pool.near.put(kb, vb, value)
         shard = self._table[slot_of(kb)]
@@ -283,17 +253,10 @@ class Cache:
         pool = self._pool
         if not callable(fn):
             raise TypeError(f"update needs a callable, got {type(fn).__qualname__}")
-        while pool.wanted:
-            with pool.owned_lock:
-                e = pool.owned.get(kb)
-                if e is not None:
-                    value = fn(decode_value(e[1]))
-                    vb = encode_value(value)
-                    e[0], e[1], e[2] = local_value(value), vb, True
-                    return value if wait else None
-            if kb not in pool.wanted:
-                break
-            pool.wanted[kb].regrant(kb)
+        if pool.leases.wanted:
+            done, value = pool.leases.update_local(kb, fn)
+            if done:
+                return value if wait else None
         shard = self._table[slot_of(kb)]
         digest, blob = self._function(fn)
         conn = pool.conn(shard)
@@ -329,7 +292,7 @@ class Cache:
         renewed in the background; if this process stalls past ``ttl_ms``, it expires and its
         unreleased writes are refused with LeaseLostError (raised at release or ``sync``).
         """
-        return Lease(self, list(args_list), ttl_ms)
+        return Lease(self._pool.leases, [self._encode(a) for a in args_list], ttl_ms)
 
     def _function(self, fn: Callable[[Any], Any]) -> tuple[bytes, bytes]:
         hit = self._fns.get(id(fn))
@@ -346,27 +309,8 @@ class Cache:
     def sync(self) -> None:
         """Wait until every write this process pipelined has been applied by its shard;
         raise the first error a shard reported for one of them."""
-        for shard in range(self.num_shards):
-            conn = self._pool.conns[shard]
-            if conn is not None and not conn.closed:
-                with conn.lock:
-                    conn.sync()
-        errors = self._pool.lease_errors
-        if errors:
-            first = errors[0]
-            del errors[:]
-            raise first
-
-    def _push_owned(self, per_shard: dict[int, tuple[list[Any], list[bytes]]],
-                    release: bool = True) -> None:
-        frames = {s: _packb([Op.RELEASE, self._pool.owner, items, keys if release else []])
-                  for s, (items, keys) in per_shard.items()}
-        try:
-            if frames:
-                self._scatter(frames)
-        finally:
-            if release:
-                self._pool.done_releasing(per_shard)
+        self._pool.sync()
+        self._pool.leases.raise_errors()
 
     def flush_now(self, *, checkpoint: Any = _NO_CHECKPOINT) -> Any:
         """Write every buffered write of every shard to the stores, then return.
@@ -377,7 +321,7 @@ class Cache:
         """
         self.sync()
         blob = None if checkpoint is _NO_CHECKPOINT else cloudpickle.dumps(checkpoint)
-        self._push_owned(self._pool.take_owned(list(self._pool.owned)))
+        self._pool.leases.release_all()
         return _get(self._spec["coordinator"].flush_all.remote(blob))
 
     def metrics(self) -> dict[str, Any]:
@@ -394,8 +338,8 @@ class Cache:
         everything running so no write is lost; call again once the store is back."""
         if self._pool.closed:
             raise CacheClosedError(f"cache {self.name!r} was already shut down")
-        self._pool.wanted.clear()
-        self._push_owned(self._pool.take_owned(list(self._pool.owned)))
+        self._pool.leases.wanted.clear()
+        self._pool.leases.release_all()
         self.sync()
         coordinator = self._spec["coordinator"]
         shards = _get(coordinator.shutdown.remote(disconnect))

@@ -1,106 +1,306 @@
-"""Exclusive leases: a process owns keys and works on them in-process until recalled."""
+"""Exclusive leases: this process owns keys and works on them in-process until recalled.
+
+Everything a process knows about its leases on one cache lives in one ``Ownership``: which keys
+it owns (``Owned`` records), which keys an active ``with cache.lease(...)`` wants back after a
+recall, which releases are on their way, and the pollers that renew leases and answer recalls.
+It reaches the shards through a narrow ``Router`` (the connection pool), never through a
+``Cache``'s internals.
+
+The shard side (the lease table, recalls, RELEASE) is ``ShardHost`` in ``actors.py``.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import msgpack
 
-from .codec import decode_value, slot_of
-from .near import local_value
-from .transport import Op
+from .codec import decode_value, encode_value
+from .errors import LeaseLostError
+from .near import NO_VALUE, NearCache, local_value
+from .transport import Connection, Op
 
-if TYPE_CHECKING:
-    from .client import Cache
-
-__all__ = ["Lease"]
+__all__ = ["Lease", "Owned", "Ownership", "Router"]
 
 _packb = msgpack.packb
+
+
+class Router(Protocol):
+    """What leases need from the connection pool."""
+
+    near: NearCache | None
+    closed: bool
+
+    def shard_for(self, kb: bytes) -> int:
+        """The shard that owns key bytes ``kb``."""
+        ...
+
+    def scatter(self, frames: dict[int, bytes]) -> dict[int, Any]:
+        """Send one request per shard and collect the answers (one round trip)."""
+        ...
+
+    def sync(self) -> None:
+        """Wait until this process's pipelined writes were applied."""
+        ...
+
+    def open_connection(self, shard: int) -> Connection:
+        """A new connection of its own to ``shard`` (for a long poll)."""
+        ...
+
+
+@dataclass(slots=True)
+class Owned:
+    """A key this process owns: the only up-to-date copy of its value lives here."""
+
+    value: Any  # the decoded value when immutable, else NO_VALUE (decode ``vb`` per read)
+    vb: bytes  # the encoded value
+    dirty: bool  # written here since the last push to the shard
+    shard: int
+    ab: bytes | None  # encoded read args (None: the key itself)
+
+    def get(self) -> Any:
+        return decode_value(self.vb) if self.value is NO_VALUE else self.value
+
+    def set(self, value: Any, vb: bytes) -> None:
+        self.value, self.vb, self.dirty = local_value(value), vb, True
+
+
+# per shard: (dirty writes to push as [kb, ab, vb], keys given back)
+Pushes = dict[int, tuple[list[list[Any]], list[bytes]]]
+
+
+class Ownership:
+    """One process's exclusive leases on one cache."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.owner = os.urandom(16)
+        self.owned: dict[bytes, Owned] = {}
+        # Keys inside an active ``with cache.lease(...)``: a recall takes a key out of
+        # ``owned``, and the next access here takes it back (as a CPU re-fetches a line).
+        self.wanted: dict[bytes, Lease] = {}
+        self.lock = threading.Lock()
+        # Keys whose RELEASE is on its way to the shard: leasing one again must wait for it,
+        # or the new lease could start from a value without the released writes.
+        self.releasing: set[bytes] = set()
+        self.released = threading.Condition(self.lock)
+        self.ttl_ms = 5000.0
+        self.errors: list[BaseException] = []
+        self.pollers: dict[int, threading.Thread] = {}
+        self._pollers_lock = threading.Lock()
+
+    # -- in-process fast paths (called by Cache) --------------------------------------------
+    def local(self, kb: bytes) -> Owned | None:
+        """The owned record of ``kb``, taking it back first if a held lease lost it to a
+        recall; None when this process does not lease ``kb``."""
+        e = self.owned.get(kb)
+        if e is None and kb in self.wanted:
+            e = self.wanted[kb].regrant(kb)
+        return e
+
+    def write_local(self, kb: bytes, value: Any, vb: bytes) -> bool:
+        """Apply a write in-process if ``kb`` is leased here; False if it is not."""
+        while self.wanted:
+            with self.lock:
+                e = self.owned.get(kb)
+                if e is not None:  # owned: stays here until release or recall
+                    e.set(value, vb)
+                    return True
+            if kb not in self.wanted:
+                return False
+            self.wanted[kb].regrant(kb)  # recalled meanwhile: take it back, then retry
+        return False
+
+    def update_local(self, kb: bytes, fn: Callable[[Any], Any]) -> tuple[bool, Any]:
+        """Apply ``fn`` in-process if ``kb`` is leased here: ``(True, new value)``."""
+        while self.wanted:
+            with self.lock:
+                e = self.owned.get(kb)
+                if e is not None:
+                    value = fn(e.get())
+                    e.set(value, encode_value(value))
+                    return True, value
+            if kb not in self.wanted:
+                return False, None
+            self.wanted[kb].regrant(kb)
+        return False, None
+
+    def raise_errors(self) -> None:
+        """Raise (once) the first error a lease poller met."""
+        if self.errors:
+            first = self.errors[0]
+            del self.errors[:]
+            raise first
+
+    # -- giving keys back -------------------------------------------------------------------
+    def take(self, kbs: Iterable[bytes]) -> Pushes:
+        """Stop owning ``kbs``; return per shard the dirty writes to push and the keys."""
+        out: Pushes = {}
+        near = self.router.near
+        with self.lock:
+            for kb in kbs:
+                e = self.owned.pop(kb, None)
+                if e is None:
+                    continue
+                self.releasing.add(kb)  # until done_releasing(): see Lease._grant()
+                if near is not None:  # keep read-your-writes once the lease is gone
+                    near.put(kb, e.vb)
+                items, keys = out.setdefault(e.shard, ([], []))
+                keys.append(kb)
+                if e.dirty:
+                    items.append([kb, e.ab, e.vb])
+        return out
+
+    def done_releasing(self, pushes: Pushes) -> None:
+        with self.released:
+            for _, keys in pushes.values():
+                self.releasing.difference_update(keys)
+            self.released.notify_all()
+
+    def push(self, pushes: Pushes, release: bool = True) -> None:
+        """Send owned writes to their shards; with ``release``, give the keys back too."""
+        frames = {s: _packb([Op.RELEASE, self.owner, items, keys if release else []])
+                  for s, (items, keys) in pushes.items()}
+        try:
+            if frames:
+                self.router.scatter(frames)
+        finally:
+            if release:
+                self.done_releasing(pushes)
+
+    def release_all(self) -> None:
+        """Give every owned key back (flush_now, shutdown)."""
+        self.push(self.take(list(self.owned)))
+
+    # -- renewals and recalls ---------------------------------------------------------------
+    def ensure_poller(self, shard: int) -> None:
+        with self._pollers_lock:  # a poller leaves under this lock too: none quits unnoticed
+            t = self.pollers.get(shard)
+            if t is None:
+                t = threading.Thread(target=self._poll_loop, args=(shard,), daemon=True,
+                                     name=f"persistroids-lease-{shard}")
+                self.pollers[shard] = t
+                t.start()
+
+    def _poll_loop(self, shard: int) -> None:
+        """Renew this process's leases on ``shard`` and answer recalls as soon as they come
+        (a long poll on a connection of its own)."""
+        conn = None
+        try:
+            conn = self.router.open_connection(shard)
+            while not self.router.closed:
+                with self._pollers_lock, self.lock:
+                    if not any(e.shard == shard for e in self.owned.values()):
+                        del self.pollers[shard]  # a later lease starts a new poller
+                        return
+                ttl = self.ttl_ms
+                recalled = conn.call(_packb([Op.POLL, self.owner, ttl, ttl / 4]))
+                if recalled:
+                    # Keys no longer owned here are released too: the shard still has them.
+                    taken = self.take(recalled)
+                    try:
+                        items = taken.get(shard, ([], []))[0]
+                        conn.call(_packb([Op.RELEASE, self.owner, items, recalled]))
+                    finally:
+                        self.done_releasing(taken)
+        except LeaseLostError as e:
+            self.errors.append(e)
+        except (ConnectionError, OSError) as e:
+            if not self.router.closed:
+                self.errors.append(e)
+        finally:
+            if conn is not None:
+                conn.close()
+            with self._pollers_lock:
+                if self.pollers.get(shard) is threading.current_thread():
+                    del self.pollers[shard]  # left by an error
 
 
 class Lease:
     """An exclusive lease on some keys; see ``Cache.lease``."""
 
-    def __init__(self, cache: Cache, args_list: list[Any], ttl_ms: float) -> None:
+    def __init__(self, ownership: Ownership, keys: list[tuple[bytes, bytes | None]],
+                 ttl_ms: float) -> None:
         if ttl_ms <= 0:
             raise ValueError(f"ttl_ms must be > 0, got {ttl_ms!r}")
-        if not args_list:
+        if not keys:
             raise ValueError("lease() needs at least one key")
-        self.cache = cache
+        self.ownership = ownership
         self.ttl_ms = ttl_ms
-        self.keys = [cache._encode(a) for a in args_list]
+        self.keys = keys
         self.held = False
 
     def acquire(self) -> Lease:
-        pool = self.cache._pool
+        own = self.ownership
         kbs = [kb for kb, _ in self.keys]
-        with pool.owned_lock:
-            if any(kb in pool.wanted for kb in kbs):
+        with own.lock:
+            if any(kb in own.wanted for kb in kbs):
                 raise ValueError("a key of this lease is already leased by this process")
             for kb in kbs:
-                pool.wanted[kb] = self
+                own.wanted[kb] = self
         try:
             self._grant(self.keys)
         except BaseException:
-            with pool.owned_lock:
+            with own.lock:
                 for kb in kbs:
-                    pool.wanted.pop(kb, None)
+                    own.wanted.pop(kb, None)
             raise
         self.held = True
         return self
 
-    def regrant(self, kb: bytes) -> list[Any] | None:
-        """Take back a key a recall took away while this lease is held; its owned entry."""
+    def regrant(self, kb: bytes) -> Owned | None:
+        """Take back a key a recall took away while this lease is held; its owned record."""
         self._grant([k for k in self.keys if k[0] == kb])
-        return self.cache._pool.owned.get(kb)
+        return self.ownership.owned.get(kb)
 
     def _grant(self, keys: list[tuple[bytes, bytes | None]]) -> None:
-        cache, pool = self.cache, self.cache._pool
-        pool.lease_ttl_ms = self.ttl_ms
+        own = self.ownership
+        router = own.router
+        own.ttl_ms = self.ttl_ms
         kbs = [kb for kb, _ in keys]
-        with pool.released:
-            pool.released.wait_for(lambda: pool.releasing.isdisjoint(kbs), timeout=60)
+        with own.released:
+            own.released.wait_for(lambda: own.releasing.isdisjoint(kbs), timeout=60)
         groups: dict[int, list[tuple[bytes, bytes | None]]] = {}
         for kb, ab in keys:
-            groups.setdefault(cache._table[slot_of(kb)], []).append((kb, ab))
-        cache.sync()  # our pipelined writes to these keys land before the lease is taken
-        values = cache._scatter({s: _packb([Op.LEASE, [kb for kb, _ in g], pool.owner,
+            groups.setdefault(router.shard_for(kb), []).append((kb, ab))
+        router.sync()  # our pipelined writes to these keys land before the lease is taken
+        values = router.scatter({s: _packb([Op.LEASE, [kb for kb, _ in g], own.owner,
                                             self.ttl_ms]) for s, g in groups.items()})
-        with pool.owned_lock:
+        with own.lock:
             for s, g in groups.items():
                 for (kb, ab), vb in zip(g, values[s]):
-                    pool.owned[kb] = [local_value(decode_value(vb)), vb, False, s, ab]
+                    own.owned[kb] = Owned(local_value(decode_value(vb)), vb, False, s, ab)
         for s in groups:
-            pool.ensure_poller(s)
+            own.ensure_poller(s)
 
     def flush(self) -> None:
         """Send the writes made under this lease to the shards, keeping the lease."""
-        pool = self.cache._pool
-        per_shard: dict[int, tuple[list[Any], list[bytes]]] = {}
-        with pool.owned_lock:
+        own = self.ownership
+        pushes: Pushes = {}
+        with own.lock:
             for kb, ab in self.keys:
-                e = pool.owned.get(kb)
-                if e is not None and e[2]:
-                    per_shard.setdefault(e[3], ([], []))[0].append([kb, ab, e[1]])
-                    e[2] = False
-        self.cache._push_owned(per_shard, release=False)
+                e = own.owned.get(kb)
+                if e is not None and e.dirty:
+                    pushes.setdefault(e.shard, ([], []))[0].append([kb, ab, e.vb])
+                    e.dirty = False
+        own.push(pushes, release=False)
 
     def release(self) -> None:
         """Send the writes made under this lease to the shards and give the keys back."""
         if not self.held:
             return
         self.held = False
-        pool = self.cache._pool
-        with pool.owned_lock:
+        own = self.ownership
+        with own.lock:
             for kb, _ in self.keys:
-                if pool.wanted.get(kb) is self:
-                    del pool.wanted[kb]
-        self.cache._push_owned(pool.take_owned([kb for kb, _ in self.keys]))
-        errors = pool.lease_errors
-        if errors:
-            first = errors[0]
-            del errors[:]
-            raise first
+                if own.wanted.get(kb) is self:
+                    del own.wanted[kb]
+        own.push(own.take([kb for kb, _ in self.keys]))
+        own.raise_errors()
 
     def __enter__(self) -> Lease:
         return self.acquire()

@@ -1,27 +1,27 @@
 """Per-process connection pools: one connection per shard, shared by every handle of a cache
-in the process, plus this process's exclusive-lease bookkeeping and the write linger thread."""
+in the process (with the routing table and this process's leases), and the write linger
+thread."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import msgpack
 import ray
 
-from .errors import CacheClosedError, LeaseLostError
+from .codec import NUM_SLOTS, slot_of
+from .errors import CacheClosedError
+from .lease import Ownership
 from .near import NearCache
-from .transport import Connection, Op
+from .transport import Connection
 
-if TYPE_CHECKING:
-    from .lease import Lease
+__all__ = ["LINGER", "Pool", "pool_for", "slot_table"]
 
-__all__ = ["LINGER", "Pool", "pool_for"]
 
-_packb = msgpack.packb
+def slot_table(num_shards: int) -> list[int]:
+    """Contiguous slot ranges per shard (resharding later moves ranges of slots)."""
+    return [slot * num_shards // NUM_SLOTS for slot in range(NUM_SLOTS)]
 
 
 class Pool:
@@ -34,20 +34,8 @@ class Pool:
         self.lock = threading.Lock()
         self.closed = False
         self.near: NearCache | None = None
-        # Keys this process owns under an exclusive lease: kb -> [value, vb, dirty, shard, ab].
-        self.owned: dict[bytes, list[Any]] = {}
-        # Keys inside an active ``with cache.lease(...)``: a recall takes a key out of
-        # ``owned``, and the next access here takes it back (as a CPU re-fetches a line).
-        self.wanted: dict[bytes, Lease] = {}
-        self.owned_lock = threading.Lock()
-        # Keys whose RELEASE is on its way to the shard: leasing one again must wait for it,
-        # or the new lease could start from a value without the released writes.
-        self.releasing: set[bytes] = set()
-        self.released = threading.Condition(self.owned_lock)
-        self.owner = os.urandom(16)
-        self.lease_ttl_ms = 5000.0
-        self.lease_errors: list[BaseException] = []
-        self.pollers: dict[int, threading.Thread] = {}
+        self.table = slot_table(spec["num_shards"])
+        self.leases = Ownership(self)
 
     def conn(self, shard: int) -> Connection:
         c = self.conns[shard]
@@ -90,70 +78,46 @@ class Pool:
             if _POOLS.get((self.spec["name"], self.spec["secret"])) is self:
                 del _POOLS[(self.spec["name"], self.spec["secret"])]
 
-    def take_owned(self, kbs: Iterable[bytes]) -> dict[int, tuple[list[Any], list[bytes]]]:
-        """Stop owning ``kbs``; return per shard the dirty writes to push and the keys."""
-        out: dict[int, tuple[list[Any], list[bytes]]] = {}
-        with self.owned_lock:
-            for kb in kbs:
-                e = self.owned.pop(kb, None)
-                if e is None:
-                    continue
-                self.releasing.add(kb)  # until done_releasing(): see Lease._grant()
-                if self.near is not None:  # keep read-your-writes once the lease is gone
-                    self.near.put(kb, e[1])
-                items, keys = out.setdefault(e[3], ([], []))
-                keys.append(kb)
-                if e[2]:
-                    items.append([kb, e[4], e[1]])
-        return out
+    # -- the routing interface leases use (lease.Router) -------------------------------------
+    def shard_for(self, kb: bytes) -> int:
+        return self.table[slot_of(kb)]
 
-    def done_releasing(self, per_shard: dict[int, tuple[list[Any], list[bytes]]]) -> None:
-        with self.released:
-            for _, keys in per_shard.values():
-                self.releasing.difference_update(keys)
-            self.released.notify_all()
+    def open_connection(self, shard: int) -> Connection:
+        return Connection(self.addresses[shard], self.spec["secret"])
 
-    def ensure_poller(self, shard: int) -> None:
-        with self.lock:  # a poller leaves under this lock too: none can quit unnoticed
-            t = self.pollers.get(shard)
-            if t is None:
-                t = threading.Thread(target=self._poll_loop, args=(shard,), daemon=True,
-                                     name=f"persistroids-lease-{shard}")
-                self.pollers[shard] = t
-                t.start()
-
-    def _poll_loop(self, shard: int) -> None:
-        """Renew this process's leases on ``shard`` and answer recalls as soon as they come
-        (a long poll on a connection of its own)."""
-        conn = None
+    def scatter(self, frames: dict[int, bytes]) -> dict[int, Any]:
+        """Send one request per shard, then collect the answers: one round trip overall."""
+        conns = [(s, self.conn(s)) for s in sorted(frames)]
+        held = []
         try:
-            conn = Connection(self.addresses[shard], self.spec["secret"])
-            while not self.closed:
-                with self.lock, self.owned_lock:
-                    if not any(e[3] == shard for e in self.owned.values()):
-                        del self.pollers[shard]  # a later lease starts a new poller
-                        return
-                ttl = self.lease_ttl_ms
-                recalled = conn.call(_packb([Op.POLL, self.owner, ttl, ttl / 4]))
-                if recalled:
-                    # Keys no longer owned here are released too: the shard still has them.
-                    taken = self.take_owned(recalled)
-                    try:
-                        items = taken.get(shard, ([], []))[0]
-                        conn.call(_packb([Op.RELEASE, self.owner, items, recalled]))
-                    finally:
-                        self.done_releasing(taken)
-        except LeaseLostError as e:
-            self.lease_errors.append(e)
+            for _, c in conns:  # sorted order: no deadlock with another thread doing the same
+                c.lock.acquire()
+                held.append(c)
+            for s, c in conns:
+                c.begin(frames[s])
+            return {s: c.finish() for s, c in conns}
         except (ConnectionError, OSError) as e:
-            if not self.closed:
-                self.lease_errors.append(e)
+            for s, _ in conns:
+                self.drop(s)
+            raise ConnectionError(f"cache {self.spec['name']!r}: lost a shard: {e}") from e
         finally:
-            if conn is not None:
-                conn.close()
-            with self.lock:
-                if self.pollers.get(shard) is threading.current_thread():
-                    del self.pollers[shard]  # left by an error
+            for c in held:
+                c.lock.release()
+
+    def sync(self) -> None:
+        for conn in self.conns:
+            if conn is not None and not conn.closed:
+                with conn.lock:
+                    conn.sync()
+
+    # Kept for callers that look at the process's owned keys directly.
+    @property
+    def owned(self) -> dict[bytes, Any]:
+        return self.leases.owned
+
+    @property
+    def wanted(self) -> dict[bytes, Any]:
+        return self.leases.wanted
 
 
 _POOLS: dict[tuple[str, bytes], Pool] = {}
