@@ -11,6 +11,7 @@ import os
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -27,6 +28,17 @@ def _unpickle_checkpoint(blob: bytes | None) -> Any:
     return cloudpickle.loads(blob) if blob else None
 
 
+@dataclass(slots=True)
+class Grant:
+    """One exclusive lease on one key. ``gen`` names this grant: a RELEASE or renewal that
+    names another generation (a late message about an earlier grant) never touches it."""
+
+    owner: bytes
+    gen: int
+    expires: float  # time.monotonic() seconds
+    recalled: bool = False
+
+
 class ShardHost:
     """Hosts a ShardCore: serves it on sockets and runs its flush timer. Ray-free, so the
     same host can run in a test process; ``ShardActor`` is this class as a Ray actor."""
@@ -37,9 +49,10 @@ class ShardHost:
         self.core = ShardCore(connectors, index=index, **options)
         self._dir = tempfile.mkdtemp(prefix="persistroids-")
         os.chmod(self._dir, 0o700)
-        # Exclusive leases: key -> [owner token, expiry (monotonic s), recall requested].
-        # Guarded by the core's lock, so a lease check and the operation it guards are atomic.
-        self._leases: dict[bytes, list[Any]] = {}
+        # Exclusive leases: key -> its current Grant. Guarded by the core's lock, so a lease
+        # check and the operation it guards are atomic.
+        self._leases: dict[bytes, Grant] = {}
+        self._gen = 0
         self._lease_cond = threading.Condition(self.core._lock)
         self.lease_stats = {"leases_granted": 0, "recalls": 0, "leases_expired": 0}
         handlers = {
@@ -85,66 +98,76 @@ class ShardHost:
                 rec = leases.get(kb)
                 if rec is None:
                     continue
-                if rec[1] <= now:  # the owner stopped renewing: its lease is void
+                if rec.expires <= now:  # the owner stopped renewing: its lease is void
                     del leases[kb]
                     self.lease_stats["leases_expired"] += 1
+                    log.warning("shard %d: a lease expired (owner %s, generation %d)",
+                                self.index, rec.owner.hex()[:8], rec.gen)
                     continue
-                if not rec[2]:
-                    rec[2] = True
+                if not rec.recalled:
+                    rec.recalled = True
                     self.lease_stats["recalls"] += 1
                 blocked = rec
             if blocked is None:
                 return
             self._lease_cond.notify_all()  # wakes the owner's long poll
-            self._lease_cond.wait(max(0.0005, blocked[1] - now))
+            self._lease_cond.wait(max(0.0005, blocked.expires - now))
 
-    def _lease(self, kbs: list[bytes], owner: bytes, ttl_ms: float) -> list[bytes]:
-        """Grant ``owner`` exclusive use of ``kbs`` (recalling other owners first) and return
-        their current values."""
+    def _lease(self, kbs: list[bytes], owner: bytes, ttl_ms: float) -> list[Any]:
+        """Grant ``owner`` exclusive use of ``kbs`` (recalling other owners first); return
+        ``[generation, values]``: the grant's identity and the keys' current values."""
         with self._lease_cond:
             self._wait_unleased([kb for kb in kbs
-                                 if kb in self._leases and self._leases[kb][0] != owner])
+                                 if kb in self._leases and self._leases[kb].owner != owner])
             expires = time.monotonic() + ttl_ms / 1000
             out = [self.core.read(kb) for kb in kbs]
+            self._gen += 1
             for kb in kbs:
-                self._leases[kb] = [owner, expires, False]
+                self._leases[kb] = Grant(owner, self._gen, expires)
             self.lease_stats["leases_granted"] += len(kbs)
-            return out
+            return [self._gen, out]
 
-    def _release(self, owner: bytes, items: list[list[Any]], kbs: list[bytes]) -> int:
-        """Apply the owner's buffered writes, then release ``kbs``. Refused, applying nothing,
-        if any written key's lease was lost (expired and taken over)."""
+    def _holds(self, kb: bytes, owner: bytes, gen: int) -> bool:
+        rec = self._leases.get(kb)
+        return rec is not None and rec.owner == owner and rec.gen == gen
+
+    def _release(self, owner: bytes, items: list[list[Any]], grants: list[list[Any]]) -> int:
+        """Apply the owner's writes ``[kb, ab, vb, gen]``, then end the named ``[kb, gen]``
+        grants. Refused, applying nothing, if a written key's grant is no longer current
+        (it expired, or was replaced): those writes were made under a lost lease."""
         with self._lease_cond:
-            lost = [kb for kb, _, _ in items
-                    if self._leases.get(kb, (None,))[0] != owner]
-            if lost:
-                for kb in kbs:
-                    if self._leases.get(kb, (None,))[0] == owner:
+            lost = [kb for kb, _, _, gen in items if not self._holds(kb, owner, gen)]
+            try:
+                if not lost and items:
+                    self.core.write_many([item[:3] for item in items])
+            finally:  # a refused write still ends the grants (its error reaches the owner)
+                for kb, gen in grants:
+                    if self._holds(kb, owner, gen):
                         del self._leases[kb]
                 self._lease_cond.notify_all()
+            if lost:
                 raise LeaseLostError(
-                    f"shard {self.index}: lease on {len(lost)} key(s) expired before their "
-                    f"writes were released; those writes were not applied: {lost[:3]!r}")
-            n = self.core.write_many(items) if items else 0
-            for kb in kbs:
-                if self._leases.get(kb, (None,))[0] == owner:
-                    del self._leases[kb]
-            self._lease_cond.notify_all()
-            return n
+                    f"shard {self.index}: the lease on {len(lost)} key(s) was lost (it expired "
+                    f"or was taken over) before their writes came back; those writes were not "
+                    f"applied: {lost[:3]!r}")
+            return len(items)
 
-    def _poll(self, owner: bytes, ttl_ms: float, wait_ms: float) -> list[bytes]:
-        """Renew ``owner``'s leases and return its recalled keys, waiting up to ``wait_ms`` for
-        a recall (a long poll: the owner hears of a recall as soon as it happens)."""
+    def _poll(self, owner: bytes, ttl_ms: float, wait_ms: float,
+              grants: list[list[Any]]) -> list[list[Any]]:
+        """Renew the named ``[kb, gen]`` grants of ``owner`` and return its recalled grants
+        as ``[kb, gen]``, waiting up to ``wait_ms`` for a recall (a long poll: the owner hears
+        of a recall as soon as it happens). A grant the owner does not name is not renewed:
+        if its owner never learnt of it (a lost answer), it expires."""
         deadline = time.monotonic() + wait_ms / 1000
         with self._lease_cond:
             while True:
                 now = time.monotonic()
-                recalled = []
-                for kb, rec in self._leases.items():
-                    if rec[0] == owner:
-                        rec[1] = max(rec[1], now + ttl_ms / 1000)
-                        if rec[2]:
-                            recalled.append(kb)
+                for kb, gen in grants:
+                    rec = self._leases.get(kb)
+                    if rec is not None and rec.owner == owner and rec.gen == gen:
+                        rec.expires = max(rec.expires, now + ttl_ms / 1000)
+                recalled = [[kb, rec.gen] for kb, rec in self._leases.items()
+                            if rec.owner == owner and rec.recalled]
                 if recalled or now >= deadline:
                     return recalled
                 self._lease_cond.wait(deadline - now)

@@ -61,6 +61,7 @@ class Owned:
     dirty: bool  # written here since the last push to the shard
     shard: int
     ab: bytes | None  # encoded read args (None: the key itself)
+    gen: int  # the shard's generation of this grant: every RELEASE and renewal names it
 
     def get(self) -> Any:
         return decode_value(self.vb) if self.value is NO_VALUE else self.value
@@ -69,8 +70,8 @@ class Owned:
         self.value, self.vb, self.dirty = local_value(value), vb, True
 
 
-# per shard: (dirty writes to push as [kb, ab, vb], keys given back)
-Pushes = dict[int, tuple[list[list[Any]], list[bytes]]]
+# per shard: (dirty writes to push as [kb, ab, vb, gen], grants given back as [kb, gen])
+Pushes = dict[int, tuple[list[list[Any]], list[list[Any]]]]
 
 
 class Ownership:
@@ -149,22 +150,22 @@ class Ownership:
                 self.releasing.add(kb)  # until done_releasing(): see Lease._grant()
                 if near is not None:  # keep read-your-writes once the lease is gone
                     near.put(kb, e.vb)
-                items, keys = out.setdefault(e.shard, ([], []))
-                keys.append(kb)
+                items, grants = out.setdefault(e.shard, ([], []))
+                grants.append([kb, e.gen])
                 if e.dirty:
-                    items.append([kb, e.ab, e.vb])
+                    items.append([kb, e.ab, e.vb, e.gen])
         return out
 
     def done_releasing(self, pushes: Pushes) -> None:
         with self.released:
-            for _, keys in pushes.values():
-                self.releasing.difference_update(keys)
+            for _, grants in pushes.values():
+                self.releasing.difference_update(kb for kb, _ in grants)
             self.released.notify_all()
 
     def push(self, pushes: Pushes, release: bool = True) -> None:
         """Send owned writes to their shards; with ``release``, give the keys back too."""
-        frames = {s: _packb([Op.RELEASE, self.owner, items, keys if release else []])
-                  for s, (items, keys) in pushes.items()}
+        frames = {s: _packb([Op.RELEASE, self.owner, items, grants if release else []])
+                  for s, (items, grants) in pushes.items()}
         try:
             if frames:
                 self.router.scatter(frames)
@@ -197,16 +198,11 @@ class Ownership:
                     if not any(e.shard == shard for e in self.owned.values()):
                         del self.pollers[shard]  # a later lease starts a new poller
                         return
+                    grants = [[kb, e.gen] for kb, e in self.owned.items() if e.shard == shard]
                 ttl = self.ttl_ms
-                recalled = conn.call(_packb([Op.POLL, self.owner, ttl, ttl / 4]))
+                recalled = conn.call(_packb([Op.POLL, self.owner, ttl, ttl / 4, grants]))
                 if recalled:
-                    # Keys no longer owned here are released too: the shard still has them.
-                    taken = self.take(recalled)
-                    try:
-                        items = taken.get(shard, ([], []))[0]
-                        conn.call(_packb([Op.RELEASE, self.owner, items, recalled]))
-                    finally:
-                        self.done_releasing(taken)
+                    self._answer(conn, shard, recalled)
         except LeaseLostError as e:
             self.errors.append(e)
         except (ConnectionError, OSError) as e:
@@ -218,6 +214,33 @@ class Ownership:
             with self._pollers_lock:
                 if self.pollers.get(shard) is threading.current_thread():
                     del self.pollers[shard]  # left by an error
+
+    def _answer(self, conn: Connection, shard: int, recalled: list[list[Any]]) -> None:
+        """Give back the recalled grants this process holds, with their writes.
+
+        Only grants held here are released, each by its generation. A recalled key that is
+        not held is either on its way back already (a lease's exit RELEASE, which carries
+        the writes: releasing it here first would let a waiting client read the old value
+        and get the writes refused) or its grant's answer is still on its way to this
+        process; either way the next poll sees it again, so wait a little for that first.
+        """
+        with self.lock:
+            mine = [kb for kb, gen in recalled
+                    if (e := self.owned.get(kb)) is not None and e.gen == gen]
+        taken = self.take(mine)
+        try:
+            if taken:
+                items, grants = taken[shard]
+                conn.call(_packb([Op.RELEASE, self.owner, items, grants]))
+        finally:
+            self.done_releasing(taken)
+        if len(mine) < len(recalled):
+            others = {kb for kb, _ in recalled} - set(mine)
+            with self.released:
+                if self.releasing.isdisjoint(others):
+                    self.released.wait(0.001)  # a grant's answer in flight: poll again soon
+                else:
+                    self.released.wait_for(lambda: self.releasing.isdisjoint(others), 0.05)
 
 
 class Lease:
@@ -268,12 +291,13 @@ class Lease:
         for kb, ab in keys:
             groups.setdefault(router.shard_for(kb), []).append((kb, ab))
         router.sync()  # our pipelined writes to these keys land before the lease is taken
-        values = router.scatter({s: _packb([Op.LEASE, [kb for kb, _ in g], own.owner,
-                                            self.ttl_ms]) for s, g in groups.items()})
+        answers = router.scatter({s: _packb([Op.LEASE, [kb for kb, _ in g], own.owner,
+                                             self.ttl_ms]) for s, g in groups.items()})
         with own.lock:
             for s, g in groups.items():
-                for (kb, ab), vb in zip(g, values[s]):
-                    own.owned[kb] = Owned(local_value(decode_value(vb)), vb, False, s, ab)
+                gen, values = answers[s]
+                for (kb, ab), vb in zip(g, values):
+                    own.owned[kb] = Owned(local_value(decode_value(vb)), vb, False, s, ab, gen)
         for s in groups:
             own.ensure_poller(s)
 
@@ -285,7 +309,7 @@ class Lease:
             for kb, ab in self.keys:
                 e = own.owned.get(kb)
                 if e is not None and e.dirty:
-                    pushes.setdefault(e.shard, ([], []))[0].append([kb, ab, e.vb])
+                    pushes.setdefault(e.shard, ([], []))[0].append([kb, ab, e.vb, e.gen])
                     e.dirty = False
         own.push(pushes, release=False)
 
