@@ -7,9 +7,12 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from persistroids_dist.codec import (
     NUM_SLOTS,
+    _reference_packb,
     decode_key,
     decode_value,
     encode_key,
@@ -69,3 +72,90 @@ def test_slots_spread_keys_evenly():
     for i in range(20000):
         counts[slot_of(encode_key(f"key-{i}")) * 4 // NUM_SLOTS] += 1
     assert min(counts) > 4000
+
+
+# -- the fast tuple encoder writes the reference bytes ------------------------------------------
+# Sizes where msgpack switches header (fixstr/str8/str16/str32, bin8/16/32, fixint/8/16/32/64
+# bits, fixarray/array16, fixext/ext8/ext16/ext32) are drawn on purpose, not left to chance.
+_INT_EDGES = [b + d for b in (0, 2**5, 2**7, 2**8, 2**15, 2**16, 2**31, 2**32, 2**63)
+              for d in (-1, 0, 1)]
+_INTS = st.one_of(st.integers(-(2**63), 2**64 - 1),
+                  st.sampled_from(_INT_EDGES + [-x for x in _INT_EDGES] + [2**64 - 1, -(2**63)]))
+_SIZES = [0, 1, 2, 3, 4, 7, 8, 14, 15, 16, 17, 31, 32, 33, 250, 255, 256, 65535, 65536]
+_STRS = st.one_of(st.text(), st.sampled_from(_SIZES).flatmap(
+    lambda n: st.sampled_from(["x" * n, "é" * (n // 2), "\ud800" * min(n, 1)])))
+_BYTES = st.one_of(st.binary(), st.sampled_from(_SIZES).map(lambda n: b"\xff" * n))
+_SCALARS = st.one_of(_STRS, _BYTES, _INTS, st.floats(), st.booleans(), st.none())
+_KEYS = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=18).map(tuple),
+                     max_leaves=40)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=18), st.lists(inner, max_size=18).map(tuple),
+                            st.dictionaries(st.one_of(st.text(), _INTS), inner, max_size=5)),
+    max_leaves=40)
+_EXAMPLES = settings(max_examples=400, deadline=None,
+                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _reference(obj):
+    """The reference bytes, or None where the reference encoding raises."""
+    try:
+        return _reference_packb(obj)
+    except Exception:
+        return None
+
+
+@_EXAMPLES
+@given(_KEYS)
+def test_encode_key_writes_exactly_the_reference_bytes(key):
+    want = _reference(key)
+    if want is None:
+        with pytest.raises((TypeError, ValueError)):
+            encode_key(key)
+        return
+    assert encode_key(key) == want
+    back = decode_key(want)
+    assert encode_key(back) == want  # same types back (1, 1.0, True and tuple/list differ)
+
+
+@_EXAMPLES
+@given(_VALUES)
+def test_encode_value_writes_exactly_the_reference_bytes(value):
+    want = _reference(value)
+    if want is None:
+        with pytest.raises((TypeError, ValueError)):
+            encode_value(value)
+        return
+    assert encode_value(value) == want
+    assert encode_value(decode_value(want)) == want
+
+
+@pytest.mark.parametrize("key", [("user", 42), ("m", 7), (), ((),), ("a", ("b", (b"c", None))),
+                                 tuple(range(15)), tuple(range(16)), ("x" * 300, 1),
+                                 ("y" * 70000,), (1, 1.0, True, -1, -(2**63), 2**64 - 1)],
+                         ids=lambda k: repr(k)[:40])
+def test_tuple_keys_known_shapes(key):
+    assert encode_key(key) == encode_value(key) == _reference_packb(key)
+    back = decode_key(encode_key(key))
+    assert back == key and type(back) is tuple
+
+
+def test_tuple_encoding_of_a_known_key_is_pinned():
+    # Persisted stores and routing hold these bytes: they must never change.
+    assert encode_key(("user", 42)) == b"\xc7\x07\x01\x92\xa4user*"
+    assert encode_key(("m", 1)) == b"\xd6\x01\x92\xa1m\x01"
+    assert slot_of(encode_key(("user", 42))) == slot_of(b"\xc7\x07\x01\x92\xa4user*")
+
+
+@pytest.mark.parametrize("bad", [("ok", 2**64), ("ok", -(2**63) - 1), ("ok", object()),
+                                 (("deep", [1]),), ("ok", {"a": 1})], ids=repr)
+def test_bad_tuple_keys_still_raise_type_error(bad):
+    with pytest.raises(TypeError, match="key"):
+        encode_key(bad)
+
+
+def test_values_with_tuples_inside_containers_keep_their_tuples():
+    value = {"pairs": [("a", 1), ("b", (2, [3]))], "t": (("x",),)}
+    assert encode_value(value) == _reference_packb(value)
+    assert decode_value(encode_value(value)) == value
+    assert type(decode_value(encode_value(value))["pairs"][1][1]) is tuple
