@@ -9,12 +9,19 @@ Tuples are a msgpack ext type (code 1) holding the msgpack array of their items.
 scalars and nested tuples are written by a hand-rolled encoder (``_tuple_bytes``) that emits the
 same bytes as msgpack with the ``default`` hook (``_reference_packb``, kept for the tests), in
 about a fifth of the time; any other shape takes the general path.
+
+NumPy scalars (``np.int64``, ``np.float32``, ``np.bool_``, ``np.str_``, ...), as Ray Data hands
+them out, are keys and values too: each encodes exactly as the Python value it holds
+(``encode_key(np.int64(5)) == encode_key(5)``), so they come back as Python values. NumPy is never
+imported here: a NumPy scalar is recognised by its type's module.
 """
 
 from __future__ import annotations
 
 import struct
+import sys
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -32,11 +39,42 @@ __all__ = [
 #: Number of hash slots; shards own slots, so resharding moves slots, not single keys.
 NUM_SLOTS = 16384
 
-#: Scalar key types; tuples of these (nested) are keys too.
+#: Scalar key types; tuples of these (nested) are keys too, and so are the NumPy scalars that
+#: hold one (see the module docstring).
 KEY_TYPES = (str, bytes, int, float, bool, type(None))
 
 _TUPLE_EXT = 1
 _NONE_BYTES = msgpack.packb(None)
+
+
+# -- NumPy scalars --------------------------------------------------------------------------------
+_NUMPY: dict[type, Callable[[Any], Any] | None] = {}
+
+
+def _numpy_scalar(t: type) -> Callable[[Any], Any] | None:
+    """For a supported NumPy scalar type, the function that gives its Python value (which
+    encodes to the same bytes); None for any other type. Types are looked up once."""
+    try:
+        return _NUMPY[t]
+    except KeyError:
+        pass
+    if getattr(t, "__module__", None) != "numpy":
+        return None  # not cached: only NumPy's own few scalar types are
+    np = sys.modules.get("numpy")
+    conv: Callable[[Any], Any] | None = None
+    if np is not None and isinstance(t, type):
+        if issubclass(t, np.bool_):
+            conv = bool
+        elif issubclass(t, np.integer):  # int8..int64, uint8..uint64: all fit in 64 bits
+            conv = int
+        elif issubclass(t, np.floating) and np.dtype(t).itemsize <= 8:
+            conv = float  # float16/32 widen exactly; longdouble would not fit a float
+        elif issubclass(t, np.str_):
+            conv = str
+        elif issubclass(t, np.bytes_):
+            conv = bytes
+    _NUMPY[t] = conv
+    return conv
 
 
 # -- the fast tuple encoder ---------------------------------------------------------------------
@@ -126,7 +164,10 @@ def _tuple_payload(t: tuple[Any, ...]) -> bytes:
             else:
                 raise _Fallback
         else:
-            raise _Fallback
+            conv = _numpy_scalar(tx)
+            if conv is None:
+                raise _Fallback
+            data += _tuple_payload((conv(x),))[1:]  # the item without its 1-array header
     return data
 
 
@@ -160,6 +201,9 @@ def _ext_default(obj: Any) -> Any:
         except _FAST_ERRORS:
             payload = _packer_bytes(list(obj))
         return msgpack.ExtType(_TUPLE_EXT, payload)
+    conv = _numpy_scalar(type(obj))
+    if conv is not None:
+        return conv(obj)
     raise _unsupported(obj)
 
 
@@ -170,6 +214,9 @@ def _packer_bytes(obj: Any) -> bytes:
 def _reference_default(obj: Any) -> Any:
     if type(obj) is tuple:
         return msgpack.ExtType(_TUPLE_EXT, _reference_packb(list(obj)))
+    conv = _numpy_scalar(type(obj))
+    if conv is not None:
+        return conv(obj)
     raise _unsupported(obj)
 
 
@@ -191,10 +238,10 @@ def _check_key(key: Any) -> None:
     if t is tuple:
         for part in key:
             _check_key(part)
-    elif t not in KEY_TYPES:
+    elif t not in KEY_TYPES and _numpy_scalar(t) is None:
         raise TypeError(
             f"invalid cache key {key!r} of type {t.__qualname__}: keys must be str, bytes, int, "
-            "float, bool, None or tuples of them"
+            "float, bool, None (or a NumPy scalar of those) or tuples of them"
         )
 
 
@@ -217,6 +264,10 @@ def encode_key(key: Any) -> bytes:
             return _tuple_bytes(key)
         except _FAST_ERRORS:
             pass
+    else:
+        conv = _numpy_scalar(t)
+        if conv is not None:
+            return encode_key(conv(key))
     _check_key(key)
     try:
         return _packer_bytes(key)
@@ -243,6 +294,10 @@ def encode_value(value: Any) -> bytes:
             return _tuple_bytes(value)
         except _FAST_ERRORS:
             pass
+    else:
+        conv = _numpy_scalar(t)
+        if conv is not None:
+            return encode_value(conv(value))
     try:
         return _packer_bytes(value)
     except TypeError as e:

@@ -159,3 +159,121 @@ def test_values_with_tuples_inside_containers_keep_their_tuples():
     assert encode_value(value) == _reference_packb(value)
     assert decode_value(encode_value(value)) == value
     assert type(decode_value(encode_value(value))["pairs"][1][1]) is tuple
+
+
+# -- NumPy scalars encode as the Python values they hold ----------------------------------------
+_NP_INTS = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
+_NP_FLOATS = ["float16", "float32", "float64"]
+
+
+@pytest.fixture
+def np():
+    return pytest.importorskip("numpy")
+
+
+def _contexts(x):
+    """``x`` alone and inside a tuple key, nested tuples, a list and a dict value."""
+    return [x, ("k", x), ("k", (x, 1)), [x], {"v": x}, {"l": [("t", x)]}]
+
+
+def _assert_same_bytes(np_value, py_value):
+    assert type(py_value) in (int, float, bool, str, bytes)
+    assert encode_key(np_value) == encode_key(py_value)
+    assert encode_key(("k", np_value)) == encode_key(("k", py_value))
+    assert encode_key((("n", np_value), np_value)) == encode_key((("n", py_value), py_value))
+    for a, b in zip(_contexts(np_value), _contexts(py_value)):
+        assert encode_value(a) == encode_value(b) == _reference_packb(b)
+    back = decode_key(encode_key(("k", np_value)))[1]
+    assert type(back) is type(py_value)
+
+
+@pytest.mark.parametrize("name", _NP_INTS)
+def test_numpy_integers_encode_as_python_ints(np, name):
+    t = getattr(np, name)
+    info = np.iinfo(t)
+    for v in {info.min, info.max, 0, 1, info.min // 3, info.max // 3, -33, 127, 128, 2**31}:
+        if info.min <= v <= info.max:
+            _assert_same_bytes(t(v), int(v))
+
+
+@pytest.mark.parametrize("name", _NP_FLOATS)
+def test_numpy_floats_encode_as_the_python_float_they_widen_to(np, name):
+    t = getattr(np, name)
+    for v in (0.5, 0.1, -0.0, 1e4, float("inf"), float("nan"), -3.25):
+        x = t(v)
+        _assert_same_bytes(x, float(x))
+    assert encode_key(np.float32(0.5)) == encode_key(0.5)
+    assert encode_key(np.float32(0.1)) == encode_key(float(np.float32(0.1))) != encode_key(0.1)
+
+
+def test_numpy_bool_str_bytes_encode_as_python_values(np):
+    _assert_same_bytes(np.bool_(True), True)
+    _assert_same_bytes(np.bool_(False), False)
+    _assert_same_bytes(np.str_("héllo"), "héllo")
+    _assert_same_bytes(np.str_("x" * 40), "x" * 40)
+    _assert_same_bytes(np.bytes_(b"\x00raw"), b"\x00raw")
+    # still distinct keys: bool is not int, str is not bytes
+    assert len({encode_key(x) for x in (np.bool_(True), np.int64(1), np.float64(1.0),
+                                        np.str_("1"), np.bytes_(b"1"))}) == 5
+
+
+def test_numpy_scalars_from_an_array_batch(np):
+    ids = np.arange(5, dtype=np.int64)
+    keys = [("user", i) for i in ids]  # what iterating a Ray Data batch column gives
+    assert [encode_key(k) for k in keys] == [encode_key(("user", i)) for i in range(5)]
+    assert [decode_key(encode_key(k)) for k in keys] == [("user", i) for i in range(5)]
+    row = {"score": np.float32(0.25), "ok": np.bool_(True), "n": np.uint8(7)}
+    assert decode_value(encode_value(row)) == {"score": 0.25, "ok": True, "n": 7}
+
+
+@pytest.mark.parametrize("make", [lambda np: np.zeros(3), lambda np: np.array(5),
+                                  lambda np: np.longdouble(1), lambda np: np.complex64(1),
+                                  lambda np: np.datetime64("2020-01-01")],
+                         ids=["ndarray", "0-d array", "longdouble", "complex64", "datetime64"])
+def test_other_numpy_objects_raise_type_error(np, make):
+    x = make(np)
+    for bad_key in (x, ("k", x)):
+        with pytest.raises(TypeError, match="key"):
+            encode_key(bad_key)
+    for bad_value in (x, ("k", x), [x], {"v": x}):
+        with pytest.raises(TypeError, match="encode"):
+            encode_value(bad_value)
+
+
+def test_numpy_scalars_hypothesis(np):
+    hnp = pytest.importorskip("hypothesis.extra.numpy")
+    dtypes = [np.dtype(n) for n in _NP_INTS + _NP_FLOATS + ["bool", "U", "S"]]
+
+    def scalars(dtype):  # NumPy scalars of ``dtype``, as an array of it hands them out
+        return hnp.from_dtype(dtype).map(lambda v: np.array([v], dtype=dtype)[0])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.sampled_from(dtypes).flatmap(scalars))
+    def check(x):
+        assert isinstance(x, np.generic)
+        _assert_same_bytes(x, x.item())
+
+    check()
+
+
+def test_codec_works_without_numpy_and_never_imports_it():
+    code = (
+        "import importlib.util, sys\n"
+        "sys.modules['numpy'] = None  # any import of numpy now fails\n"
+        f"spec = importlib.util.spec_from_file_location('codec', {_CODEC_PATH!r})\n"
+        "c = importlib.util.module_from_spec(spec); spec.loader.exec_module(c)\n"
+        "for k in ('a', 1, 2.5, True, None, b'x', ('user', 42), ('n', ('t', 1.5))):\n"
+        "    assert c.decode_key(c.encode_key(k)) == k\n"
+        "    assert c.decode_value(c.encode_value([k])) == [k]\n"
+        "try:\n"
+        "    c.encode_key(object())\n"
+        "except TypeError:\n"
+        "    print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+_CODEC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "persistroids_dist", "codec.py")
