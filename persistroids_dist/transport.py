@@ -17,8 +17,10 @@ import hmac
 import logging
 import os
 import pickle
+import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +35,9 @@ log = logging.getLogger("persistroids_dist.transport")
 _MAGIC = b"PRST1"
 _RECV = 1 << 18
 _HANDSHAKE_TIMEOUT = 5.0
+# What a peer may take of a shard before it proves the secret (see ShardServer).
+_HANDSHAKE_MAX_BYTES = 4096  # the client's [proof, nonce] frame is 53 bytes
+_MAX_HANDSHAKES = 64  # connections in the handshake at once
 
 
 class Op:
@@ -79,23 +84,62 @@ def encode_error(exc: BaseException) -> bytes:
         return pickle.dumps(RemoteError(f"{type(exc).__name__}: {exc}"))
 
 
+class _Handshake:
+    """A connection still proving itself: the nonce it must sign, what it sent so far (at
+    most _HANDSHAKE_MAX_BYTES), and when it must be done."""
+
+    __slots__ = ("sock", "nonce", "unpacker", "received", "started", "deadline")
+
+    def __init__(self, sock: socket.socket, limit: float) -> None:
+        self.sock = sock
+        self.nonce = os.urandom(16)
+        # A declared length over the cap fails at the header, before anything is buffered.
+        self.unpacker = msgpack.Unpacker(max_buffer_size=_HANDSHAKE_MAX_BYTES)
+        self.received = bytearray()
+        self.started = time.monotonic()
+        self.deadline = self.started + limit
+
+
 class ShardServer:
     """Serves one shard's ``handlers`` on a Unix socket and, optionally, a TCP socket.
 
     ``handlers`` maps an opcode to a function taking the request's arguments and returning a
-    msgpack-encodable result. One thread per connection: the shard's own lock orders them.
+    msgpack-encodable result. One thread per authenticated connection: the shard's own lock
+    orders them.
+
+    Until a peer proves the secret it gets no thread: one accept thread runs every handshake,
+    buffers at most _HANDSHAKE_MAX_BYTES of each, and closes a peer that has not finished
+    ``handshake_timeout`` seconds after it connected (the whole handshake, however slowly it
+    trickles in). At most ``max_handshakes`` run at once; further connections wait in the
+    listen backlog until one ends, or until the oldest has taken a tenth of the timeout (a
+    real client answers in one round trip), which is then closed to make room and counted in
+    ``handshake_refused``. So peers that connect and stall can slow legitimate clients down
+    by that tenth, not lock them out, while a burst of real clients is served, not refused.
     """
 
     def __init__(self, handlers: dict[int, Callable[..., Any]], secret: bytes, *,
-                 unix_path: str | None, tcp_host: str | None = None) -> None:
+                 unix_path: str | None, tcp_host: str | None = None,
+                 handshake_timeout: float = _HANDSHAKE_TIMEOUT,
+                 max_handshakes: int = _MAX_HANDSHAKES) -> None:
         self.handlers = handlers
         self.secret = secret
         self.unix_path = unix_path
         self.tcp_host = tcp_host
-        self.auth_failures = 0
+        self.handshake_timeout = handshake_timeout
+        self.max_handshakes = max_handshakes
+        self._evict_after = handshake_timeout / 10
+        self.auth_failures = 0  # peers refused: wrong proof, malformed, oversized, too slow
+        self.handshake_refused = 0  # stalled handshakes closed to make room for new ones
         self.connections = 0
         self._listeners: list[socket.socket] = []
+        self._handshakes: dict[socket.socket, _Handshake] = {}  # oldest first
+        self._wake: tuple[socket.socket, socket.socket] | None = None
         self._closed = False
+
+    @property
+    def handshakes(self) -> int:
+        """Connections in the handshake now."""
+        return len(self._handshakes)
 
     def start(self) -> dict[str, Any]:
         """Listen and return the address record clients connect with."""
@@ -117,12 +161,19 @@ class ShardServer:
             self._listeners.append(s)
             address["tcp"] = [self.tcp_host, s.getsockname()[1]]
         for s in self._listeners:
-            threading.Thread(target=self._accept_loop, args=(s,), daemon=True,
-                             name="persistroids-accept").start()
+            s.setblocking(False)
+        self._wake = socket.socketpair()
+        threading.Thread(target=self._accept_loop, daemon=True,
+                         name="persistroids-accept").start()
         return address
 
     def close(self) -> None:
         self._closed = True
+        if self._wake:
+            try:
+                self._wake[1].send(b"x")
+            except OSError:
+                pass
         for s in self._listeners:
             try:
                 s.close()
@@ -131,56 +182,170 @@ class ShardServer:
         if self.unix_path and os.path.exists(self.unix_path):
             os.unlink(self.unix_path)
 
-    def _accept_loop(self, listener: socket.socket) -> None:
-        while not self._closed:
+    def _accept_loop(self) -> None:
+        assert self._wake is not None
+        wake = self._wake[0]
+        sel = selectors.DefaultSelector()
+        sel.register(wake, selectors.EVENT_READ)
+        pending = self._handshakes
+        listening = False
+        try:
+            while not self._closed:
+                now = time.monotonic()
+                while pending:  # oldest first: the first one with time left ends the sweep
+                    oldest = next(iter(pending.values()))
+                    if oldest.deadline > now:
+                        break
+                    self._refuse(sel, oldest, "did not finish the handshake in time")
+                wake_at = next(iter(pending.values())).deadline if pending else None
+                accept = len(pending) < self.max_handshakes
+                if not accept:
+                    evictable_at = next(iter(pending.values())).started + self._evict_after
+                    accept = evictable_at <= now
+                    if not accept:
+                        wake_at = evictable_at  # sooner than any deadline
+                if accept != listening:  # full: leave new connections in the backlog
+                    for s in self._listeners:
+                        if accept:
+                            sel.register(s, selectors.EVENT_READ, s)
+                        else:
+                            sel.unregister(s)
+                    listening = accept
+                timeout = None if wake_at is None else max(0.0, wake_at - now)
+                for key, _ in sel.select(timeout):
+                    if key.fileobj is wake:
+                        wake.recv(64)
+                    elif isinstance(key.data, _Handshake):
+                        if pending.get(key.data.sock) is key.data:  # not closed meanwhile
+                            self._advance(sel, key.data)
+                    elif listening:
+                        self._accept(sel, key.data)
+        except (OSError, ValueError, KeyError):
+            if not self._closed:  # else close() closed a listener under us: done
+                raise
+        finally:
+            sel.close()
+            for h in pending.values():
+                h.sock.close()
+            pending.clear()
+            for s in self._wake:
+                s.close()
+
+    def _accept(self, sel: selectors.BaseSelector, listener: socket.socket) -> None:
+        pending = self._handshakes
+        for _ in range(self.max_handshakes):  # then let the handshakes in progress move on
+            evict = None
+            if len(pending) >= self.max_handshakes:
+                evict = next(iter(pending.values()))
+                if time.monotonic() - evict.started < self._evict_after:
+                    return  # the rest wait in the backlog
             try:
                 sock, _ = listener.accept()
-            except OSError:
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True,
-                             name="persistroids-conn").start()
+            except OSError as e:  # out of file descriptors, say: retry, not in a hot loop
+                if not self._closed:
+                    log.warning("shard server: accept failed: %s", e)
+                    time.sleep(0.05)
+                return
+            if evict is not None:
+                self.handshake_refused += 1
+                log.warning("closed a stalled handshake to make room for a new connection")
+                self._drop(sel, evict)
+            h = _Handshake(sock, self.handshake_timeout)
+            try:
+                sock.setblocking(False)
+                if sock.family == socket.AF_INET:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                hello = msgpack.packb([_MAGIC, h.nonce])
+                if sock.send(hello) != len(hello):  # cannot happen on a new socket
+                    raise ConnectionError("short send")
+                sel.register(sock, selectors.EVENT_READ, h)
+            except OSError:
+                sock.close()
+                continue
+            pending[sock] = h
 
-    def _handshake(self, sock: socket.socket, unpacker: msgpack.Unpacker) -> bool:
-        sock.settimeout(_HANDSHAKE_TIMEOUT)
-        nonce = os.urandom(16)
-        sock.sendall(msgpack.packb([_MAGIC, nonce]))
+    def _advance(self, sel: selectors.BaseSelector, h: _Handshake) -> None:
+        """Read what ``h``'s peer sent; finish its handshake once the whole proof is in."""
         try:
-            proof, client_nonce = _recv_obj(sock, unpacker)
+            # Never more than the cap: what the client pipelined behind its proof stays in
+            # the socket for the connection's own thread.
+            data = h.sock.recv(_HANDSHAKE_MAX_BYTES - len(h.received))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._refuse(sel, h, "closed the connection during the handshake")
+            return
+        h.received += data
+        try:
+            h.unpacker.feed(data)
+            frame = next(h.unpacker)
+        except StopIteration:
+            if len(h.received) >= _HANDSHAKE_MAX_BYTES:
+                self._refuse(sel, h, "sent an oversized handshake")
+            return
+        except Exception:  # malformed, or declares a length over the cap
+            self._refuse(sel, h, "sent a malformed or oversized handshake")
+            return
+        try:
+            proof, client_nonce = frame
             ok = isinstance(proof, bytes) and isinstance(client_nonce, bytes) and \
-                hmac.compare_digest(proof, _mac(self.secret, b"client", nonce, client_nonce))
-        except (ValueError, TypeError, OSError, ConnectionError, msgpack.UnpackException):
+                hmac.compare_digest(proof, _mac(self.secret, b"client", h.nonce, client_nonce))
+        except (ValueError, TypeError):
             ok = False
         if not ok:
-            self.auth_failures += 1
-            log.warning("refused a connection that did not prove the cache secret")
-            return False
-        sock.sendall(msgpack.packb(_mac(self.secret, b"server", client_nonce, nonce)))
-        sock.settimeout(None)
-        return True
-
-    def _serve(self, sock: socket.socket) -> None:
-        unpacker = _unpacker()
+            self._refuse(sel, h, "did not prove the cache secret")
+            return
+        self._drop(sel, h, close=False)
+        sock = h.sock
+        reply = msgpack.packb(_mac(self.secret, b"server", client_nonce, h.nonce))
         try:
-            if sock.family == socket.AF_INET:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if not self._handshake(sock, unpacker):
-                return
-            self.connections += 1
-            handlers = self.handlers
-            packb = msgpack.packb
+            if sock.send(reply) != len(reply):  # the buffer holds only our hello
+                raise ConnectionError("short send")
+            sock.setblocking(True)
+        except OSError:
+            sock.close()
+            return
+        self.connections += 1
+        rest = bytes(h.received[h.unpacker.tell():])  # pipelined behind the proof
+        threading.Thread(target=self._serve, args=(sock, rest), daemon=True,
+                         name="persistroids-conn").start()
+
+    def _refuse(self, sel: selectors.BaseSelector, h: _Handshake, why: str) -> None:
+        self.auth_failures += 1  # counted before the peer can see the connection close
+        log.warning("refused a connection that %s", why)
+        self._drop(sel, h)
+
+    def _drop(self, sel: selectors.BaseSelector, h: _Handshake, close: bool = True) -> None:
+        del self._handshakes[h.sock]
+        sel.unregister(h.sock)
+        if close:
+            h.sock.close()
+
+    def _serve(self, sock: socket.socket, data: bytes) -> None:
+        """Answer an authenticated connection's requests, starting with ``data`` (what it sent
+        behind its proof), until it closes."""
+        unpacker = _unpacker()
+        handlers = self.handlers
+        packb = msgpack.packb
+        try:
             while True:
+                if data:
+                    unpacker.feed(data)
+                    out = []
+                    # Answer every complete request received so far with one send.
+                    for req in unpacker:
+                        try:
+                            out.append(packb([0, handlers[req[0]](*req[1:])]))
+                        except Exception as e:  # the client re-raises it
+                            out.append(packb([1, encode_error(e)]))
+                    sock.sendall(b"".join(out))
                 data = sock.recv(_RECV)
                 if not data:
                     return
-                unpacker.feed(data)
-                out = []
-                # Answer every complete request received so far with one send.
-                for req in unpacker:
-                    try:
-                        out.append(packb([0, handlers[req[0]](*req[1:])]))
-                    except Exception as e:  # the client re-raises it
-                        out.append(packb([1, encode_error(e)]))
-                sock.sendall(b"".join(out))
         except (OSError, ConnectionError):
             pass
         finally:
