@@ -227,6 +227,7 @@ class ShardHost:
     def metrics(self) -> dict[str, Any]:
         m = self.core.metrics()
         m["shard"] = self.index
+        m["pid"] = os.getpid()
         m.update(self.lease_stats)
         m["leased_keys"] = len(self._leases)
         m["auth_failures"] = self.server.auth_failures

@@ -18,7 +18,7 @@ import ray
 from ray import cloudpickle
 
 from .codec import decode_value, encode_key, encode_value, slot_of
-from .errors import CacheClosedError
+from .errors import CacheClosedError, ShardUnavailableError, WriteError
 from .lease import Lease
 from .near import NO_VALUE, NearCache
 from .pool import LINGER, pool_for, slot_table
@@ -58,11 +58,19 @@ class Cache:
         self._fns: dict[int, tuple[Any, bytes, bytes]] = {}
         self._near_opts = near
         self._near: NearCache | None = None
+        self._near_ttl = 0.0
         if near is not None:
-            pool = self._pool
-            if pool.near is None or pool.near.ttl != near[0] / 1000:
-                pool.near = NearCache(*near)
+            lease_ms, max_entries = near
+            if lease_ms <= 0 or max_entries < 1:
+                raise ValueError(f"near() needs lease_ms > 0 and max_entries >= 1, got "
+                                 f"lease_ms={lease_ms!r}, max_entries={max_entries!r}")
+            pool = self._pool  # one near cache per process and cache, shared by all handles
+            if pool.near is None:
+                pool.near = NearCache(max_entries)
+            else:
+                pool.near.max_entries = max(pool.near.max_entries, max_entries)
             self._near = pool.near
+            self._near_ttl = lease_ms / 1000
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (self._spec, self._near_opts))
@@ -95,11 +103,11 @@ class Cache:
         """The index of the shard that owns ``args``' key."""
         return self._table[slot_of(self._encode(args)[0])]
 
-    def _lost(self, shard: int, error: BaseException) -> ConnectionError:
+    def _lost(self, shard: int, error: BaseException) -> ShardUnavailableError:
         """Forget the broken connection to ``shard`` (the next call reconnects, finding a
         restarted shard through Ray) and describe the loss."""
         self._pool.drop(shard)
-        return ConnectionError(f"cache {self.name!r}: lost shard {shard}: {error}")
+        return ShardUnavailableError(f"cache {self.name!r}: lost shard {shard}: {error}")
 
     def _call(self, shard: int, frame: bytes, retry: bool = False) -> Any:
         pool = self._pool
@@ -127,11 +135,9 @@ class Cache:
                 return e.get()
         near = self._near
         if near is not None and checkpoint is _NO_CHECKPOINT:
-            hit = near.entries.get(kb)
-            if hit is not None and hit[1] > _monotonic():
-                near.hits += 1
+            hit = near.get(kb, self._near_ttl)
+            if hit is not None:
                 return decode_value(hit[0]) if hit[2] is NO_VALUE else hit[2]
-            near.misses += 1
         shard = self._table[slot_of(kb)]
         if checkpoint is _NO_CHECKPOINT:
             frame = _packb([Op.READ, kb, ab])
@@ -160,12 +166,10 @@ class Cache:
                 out[i] = e.get()
                 continue
             if near is not None:
-                hit = near.entries.get(kb)
-                if hit is not None and hit[1] > _monotonic():
-                    near.hits += 1
+                hit = near.get(kb, self._near_ttl)
+                if hit is not None:
                     out[i] = decode_value(hit[0]) if hit[2] is NO_VALUE else hit[2]
                     continue
-                near.misses += 1
             g = groups.get(s := self._table[slot_of(kb)])
             if g is None:
                 g = groups[s] = ([], [], [])
@@ -228,19 +232,41 @@ class Cache:
         sent. Returns once every shard has applied its part.
         """
         groups: dict[int, list[list[Any]]] = {}
-        pool = self._pool
+        values: dict[int, list[Any]] = {}
         for args, value in items:
             kb, ab = self._encode(args)
             entry = [kb, ab, encode_value(value)]
-            if pool.near is not None:
-                pool.near.put(kb, entry[2], value)
             g = groups.get(s := self._table[slot_of(kb)])
             if g is None:
                 groups[s] = [entry]
+                values[s] = [value]
             else:
                 g.append(entry)
-        results = self._scatter({s: _packb([Op.WRITE_MANY, g]) for s, g in groups.items()})
-        return sum(results.values())
+                values[s].append(value)
+        sent = _monotonic()
+        results = self._pool.scatter({s: _packb([Op.WRITE_MANY, g]) for s, g in groups.items()},
+                                     errors=True)
+        near = self._pool.near
+        applied, first_error = 0, None
+        for s, res in results.items():
+            refused: set[int] = set()
+            if isinstance(res, BaseException):
+                first_error = first_error or res
+                if not isinstance(res, WriteError):  # nothing of this shard's part is known
+                    if near is not None:
+                        near.forget(e[0] for e in groups[s])
+                    continue
+                refused = {i for i, _ in res.errors}
+                applied += res.applied
+            else:
+                applied += res
+            if near is not None:  # only what the shard applied: never a refused value
+                for i, (entry, value) in enumerate(zip(groups[s], values[s])):
+                    if i not in refused:
+                        near.put(entry[0], entry[2], value, sent)
+        if first_error is not None:
+            raise first_error
+        return applied
 
     def update(self, args: Any, fn: Callable[[Any], Any], *, wait: bool = True) -> Any:
         """Atomically set the value of ``args`` to ``fn(value)`` inside the owning shard and
@@ -348,16 +374,49 @@ class Cache:
         return aggregate(shards)
 
 
+#: Why a non-detached cache is gone when Ray says its actors' owner died.
+_DRIVER_EXITED = ("the driver that created it exited, and a cache lives only as long as the "
+                  "driver (or task) that created it unless made with init(..., detached=True)")
+
+
 def _get(ref: Any) -> Any:
+    """``ray.get`` of a coordinator call, raising what the actors raised as its own type:
+    a plain FlushError (say), never wrapped in Ray's exceptions or their traceback text."""
+    from .errors import RemoteError, ShardUnavailableError
+
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:
-        raise e.as_instanceof_cause() from None
+        cause: Any = e
+        while isinstance(cause, ray.exceptions.RayTaskError):  # a shard's, via the coordinator
+            cause = cause.cause
+        if isinstance(cause, ray.exceptions.RayActorError):
+            error: BaseException = (
+                CacheClosedError(f"the cache is gone: {_DRIVER_EXITED}")
+                if "owner has died" in str(cause) else
+                ShardUnavailableError(f"a shard of the cache is gone: {_first_line(cause)}"))
+        elif isinstance(cause, Exception) and not isinstance(cause, ray.exceptions.RayError):
+            error = cause
+        else:  # not rebuildable here, or a failure of Ray's own: say what it was
+            error = RemoteError(_first_line(cause if cause is not None else e))
     except ray.exceptions.RayActorError as e:
-        raise CacheClosedError(f"the cache's coordinator is gone: {e}") from None
+        error = CacheClosedError(f"the cache is gone: {_DRIVER_EXITED}" if "owner has died"
+                                 in str(e) else f"the cache's coordinator is gone: {e}")
+    raise error from None
 
 
-_TOTAL_SKIP = {"shard", "oldest_pending_ms", "last_errors"}
+def _first_line(error: BaseException) -> str:
+    """``Type: message`` of ``error``'s first line, without terminal color codes (for a Ray
+    task error, the last line of its traceback: the original ``Type: message``)."""
+    import re
+
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines() or [""]
+    if isinstance(error, ray.exceptions.RayTaskError):
+        return lines[-1]
+    return f"{type(error).__name__}: {lines[0]}"
+
+
+_TOTAL_SKIP = {"shard", "pid", "oldest_pending_ms", "last_errors"}
 
 
 def aggregate(shards: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import ray
 
 from .codec import NUM_SLOTS, slot_of
-from .errors import CacheClosedError
+from .errors import CacheClosedError, ShardUnavailableError, UnacknowledgedWritesError
 from .lease import Ownership
 from .near import NearCache
 from .transport import Connection
@@ -36,6 +37,10 @@ class Pool:
         self.near: NearCache | None = None
         self.table = slot_table(spec["num_shards"])
         self.leases = Ownership(self)
+        # Per shard, writes sent on a connection that broke before answering them; and errors
+        # reported for pipelined writes on such a connection. ``sync()`` raises them.
+        self.lost: dict[int, int] = {}
+        self.lost_errors: list[BaseException] = []
 
     def conn(self, shard: int) -> Connection:
         c = self.conns[shard]
@@ -45,6 +50,8 @@ class Pool:
             if self.closed:
                 raise CacheClosedError(f"cache {self.spec['name']!r} was shut down")
             c = self.conns[shard]
+            if c is not None:  # closed by the linger thread after a send failed
+                self._retire(shard, c)
             if c is None or c.closed:
                 try:
                     c = Connection(self.addresses[shard], self.spec["secret"])
@@ -59,15 +66,44 @@ class Pool:
         try:
             return ray.get(self.spec["shards"][shard].address.remote(), timeout=60)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            if "owner has died" in str(e):  # only a non-detached cache's actors have an owner
+                why = ("the driver that created the cache exited, and a cache lives only as "
+                       "long as the driver (or task) that created it unless made with "
+                       "init(..., detached=True)")
+            else:
+                why = f"{type(e).__name__}; was the cache shut down?"
             raise CacheClosedError(
-                f"cache {self.spec['name']!r}: shard {shard} is gone ({type(e).__name__}); "
-                "was the cache shut down?") from None
+                f"cache {self.spec['name']!r}: shard {shard} is gone ({why})") from None
 
     def drop(self, shard: int) -> None:
+        """Close the connection to ``shard`` (the next use reconnects); writes it had not
+        had answered are recorded as lost for ``sync()``."""
         c = self.conns[shard]
         if c is not None:
             c.close()
+            self._retire(shard, c)
         self.conns[shard] = None
+
+    def _retire(self, shard: int, c: Connection) -> None:
+        n = c.unaccounted()
+        if n:
+            self.lost[shard] = self.lost.get(shard, 0) + n
+        self.lost_errors.extend(e for e in c.deferred if not isinstance(e, ConnectionError))
+        c.queue, c.inflight, c.deferred = [], deque(), []
+
+    def raise_lost(self) -> None:
+        """Raise, once, what ``drop`` recorded: UnacknowledgedWritesError naming every shard
+        that broke with writes unanswered, else the first error of a pipelined write."""
+        if self.lost:
+            lost, self.lost = self.lost, {}
+            self.lost_errors.clear()
+            (shard, n), *rest = sorted(lost.items())
+            raise UnacknowledgedWritesError(
+                shard, n, "; ".join(f"shard {s} also lost {k}" for s, k in rest))
+        if self.lost_errors:
+            first = self.lost_errors[0]
+            self.lost_errors.clear()
+            raise first
 
     def close(self) -> None:
         with self.lock:
@@ -85,8 +121,11 @@ class Pool:
     def open_connection(self, shard: int) -> Connection:
         return Connection(self.addresses[shard], self.spec["secret"])
 
-    def scatter(self, frames: dict[int, bytes]) -> dict[int, Any]:
-        """Send one request per shard, then collect the answers: one round trip overall."""
+    def scatter(self, frames: dict[int, bytes], errors: bool = False) -> dict[int, Any]:
+        """Send one request per shard, then collect the answers: one round trip overall.
+
+        A shard's error is raised (after every answer was read), or with ``errors`` returned
+        in place of its answer."""
         conns = [(s, self.conn(s)) for s in sorted(frames)]
         held = []
         try:
@@ -95,20 +134,47 @@ class Pool:
                 held.append(c)
             for s, c in conns:
                 c.begin(frames[s])
-            return {s: c.finish() for s, c in conns}
+            out: dict[int, Any] = {}
+            for s, c in conns:
+                try:
+                    out[s] = c.finish()
+                except (ConnectionError, OSError):
+                    raise
+                except Exception as e:  # the shard's answer was an error
+                    out[s] = e
+            if not errors:
+                for r in out.values():
+                    if isinstance(r, BaseException):
+                        raise r
+            return out
         except (ConnectionError, OSError) as e:
             for s, _ in conns:
                 self.drop(s)
-            raise ConnectionError(f"cache {self.spec['name']!r}: lost a shard: {e}") from e
+            raise ShardUnavailableError(f"cache {self.spec['name']!r}: lost a shard: {e}") from e
         finally:
             for c in held:
                 c.lock.release()
 
     def sync(self) -> None:
-        for conn in self.conns:
-            if conn is not None and not conn.closed:
-                with conn.lock:
+        """Wait until every write this process pipelined was answered; raise
+        UnacknowledgedWritesError if a shard was lost before answering some of them."""
+        first: BaseException | None = None
+        for shard, conn in enumerate(self.conns):
+            if conn is None:
+                continue
+            with conn.lock:
+                if conn.closed:
+                    self.drop(shard)
+                    continue
+                try:
                     conn.sync()
+                except (ConnectionError, OSError):
+                    self.drop(shard)
+                except Exception as e:  # a shard refused a pipelined write: sync the rest
+                    first = first or e
+        self.raise_lost()
+        if first is not None:
+            raise first
 
     # Kept for callers that look at the process's owned keys directly.
     @property

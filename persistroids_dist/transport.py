@@ -21,6 +21,7 @@ import selectors
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,8 @@ import msgpack
 from .errors import AuthenticationError, RemoteError
 
 __all__ = ["Connection", "Op", "ShardServer"]
+
+_monotonic = time.monotonic
 
 log = logging.getLogger("persistroids_dist.transport")
 
@@ -362,12 +365,18 @@ class Connection:
     """
 
     def __init__(self, address: dict[str, Any], secret: bytes, *, max_unacked: int = 512,
-                 batch_max: int = 512, timeout: float | None = None) -> None:
+                 batch_max: int = 512, linger: float = 0.001,
+                 timeout: float | None = None) -> None:
         self.lock = threading.Lock()
         self.max_unacked = max_unacked
         self.batch_max = batch_max
+        self.linger = linger
         self.queue: list[list[Any]] = []  # writes waiting to go out as one WRITE_MANY
+        self.queued_at = 0.0  # when the first write of ``queue`` was queued
         self.unacked = 0
+        # Per request sent and not yet answered, how many writes it carries: what is
+        # unaccounted for if the connection breaks (see ``unaccounted``).
+        self.inflight: deque[int] = deque()
         self.deferred: list[BaseException] = []
         self.known_functions: set[bytes] = set()
         self.closed = False
@@ -409,37 +418,54 @@ class Connection:
 
     def queue_write(self, item: list[Any]) -> bool:
         """Queue a ``[kb, ab, vb]`` write (micro-batching); it goes out as part of one
-        WRITE_MANY frame when the queue is full, before any other request, or when the owner
-        calls ``send_queue`` (a short timer). Returns True if the queue was empty before."""
+        WRITE_MANY frame when the queue is full, before any other request, when a write is
+        queued ``linger`` seconds or more after the queue's first one (so a busy writer sends
+        on time by itself, whether or not the linger thread gets the interpreter), or when
+        the owner calls ``send_queue`` (the linger thread, for a writer that went quiet).
+        Returns True if the queue was empty before."""
         queue = self.queue
         queue.append(item)
-        if len(queue) >= self.batch_max:
+        if len(queue) == 1:
+            self.queued_at = _monotonic()
+            return True
+        if len(queue) >= self.batch_max or _monotonic() - self.queued_at >= self.linger:
             self.send_queue()
-            return False
-        return len(queue) == 1
+        return False
 
     def send_queue(self) -> None:
         if self.queue:
             items, self.queue = self.queue, []
-            self._send(msgpack.packb([Op.WRITE_MANY, items]))
+            self._send(msgpack.packb([Op.WRITE_MANY, items]), len(items))
 
-    def send(self, frame: bytes) -> None:
-        """Send a request whose response is read later (an error is raised by a later call)."""
+    def send(self, frame: bytes, writes: int = 1) -> None:
+        """Send a request whose response is read later (an error is raised by a later call).
+        ``writes``: how many writes it carries, for ``unaccounted``."""
         self.send_queue()
-        self._send(frame)
+        self._send(frame, writes)
 
-    def _send(self, frame: bytes) -> None:
-        self.sock.sendall(frame)
+    def _send(self, frame: bytes, writes: int) -> None:
+        self.inflight.append(writes)  # first: a send that fails half-way still counts them
         self.unacked += 1
+        self.sock.sendall(frame)
         if self.unacked >= self.max_unacked:
             self._drain(self.max_unacked // 2)
 
+    def _recv_answer(self) -> tuple[int, Any]:
+        answer = _recv_obj(self.sock, self.unpacker)
+        self.unacked -= 1
+        self.inflight.popleft()
+        return answer
+
     def _drain(self, keep: int = 0) -> None:
         while self.unacked > keep:
-            status, result = _recv_obj(self.sock, self.unpacker)
-            self.unacked -= 1
+            status, result = self._recv_answer()
             if status:
                 self.deferred.append(pickle.loads(result))
+
+    def unaccounted(self) -> int:
+        """Writes queued or sent here whose answer never came: after a broken connection,
+        each may or may not have been applied."""
+        return len(self.queue) + sum(self.inflight)
 
     def sync(self) -> None:
         """Wait until every pipelined request was applied; raise the first deferred error."""
@@ -455,14 +481,14 @@ class Connection:
     def begin(self, frame: bytes) -> None:
         """Send a request whose answer ``finish`` collects (lets one caller fan out)."""
         self.send_queue()  # queued writes go first: this process reads its own writes
-        self.sock.sendall(frame)
+        self.inflight.append(0)  # its caller waits for the answer and hears of a failure
         self.unacked += 1
+        self.sock.sendall(frame)
 
     def finish(self) -> Any:
         """Consume earlier pipelined answers, then return the last request's result."""
         self._drain(1)
-        status, result = _recv_obj(self.sock, self.unpacker)
-        self.unacked -= 1
+        status, result = self._recv_answer()
         self._raise_deferred()
         if status:
             raise pickle.loads(result)

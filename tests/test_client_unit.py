@@ -1,0 +1,118 @@
+"""The client handle against an in-process shard host (no Ray): near caches, refused batches,
+the write linger bound."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from connectors.memory import MemoryConnector
+from persistroids_dist import WriteError
+from persistroids_dist.actors import ShardHost
+from persistroids_dist.client import Cache
+from persistroids_dist.codec import encode_key
+
+SECRET = b"u" * 32
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class PickyConnector(MemoryConnector):
+    """Refuses to buffer the value "bad" (as a store's validation would)."""
+
+    def write(self, args, value):
+        if value == "bad":
+            raise ValueError("this store does not take 'bad'")
+        return super().write(args, value)
+
+    write_encoded = None  # every write goes through write() above
+
+
+@pytest.fixture
+def host():
+    h = ShardHost(0, [PickyConnector()], {"init_fn": lambda a: 0}, SECRET)
+    yield h
+    h.close()
+
+
+def handle(host: ShardHost) -> Cache:
+    """A handle on ``host`` with a connection pool of its own (a unique cache name)."""
+    spec = {"name": f"unit-{uuid.uuid4().hex}", "secret": SECRET, "num_shards": 1,
+            "addresses": [host.address()], "shards": [None], "cache_key": None}
+    return Cache(spec)
+
+
+def test_near_handles_with_different_lease_ms_read_each_others_writes(host):
+    cache = handle(host)
+    a, b = cache.near(50), cache.near(20)
+    a.write("k", "old")
+    assert a.read("k") == "old"
+    b.write("k", "new")
+    assert a.read("k") == "new"  # was "old": the second handle had replaced the near cache
+    a.write("k", "newer")
+    assert b.read("k") == "newer"
+    assert cache.read("k") == "newer"
+    cache._pool.close()
+
+
+def test_a_refused_batch_item_never_reaches_the_near_cache(host):
+    cache = handle(host)
+    near = cache.near(60_000)
+    near.write("x", "kept", wait=True)
+    with pytest.raises(WriteError) as e:
+        near.write_many([("a", 1), ("x", "bad"), ("b", 2)])
+    assert e.value.applied == 2
+    # Was "bad": the near cache took the item before the shard refused it.
+    assert near.read("x") == "kept"
+    assert near.read_many(["a", "b", "x"]) == [1, 2, "kept"]
+    assert cache.read("x") == "kept"
+    cache._pool.close()
+
+
+WRITER = r"""
+import os, sys, time
+from persistroids_dist.client import Cache
+spec = {"name": "linger", "secret": bytes.fromhex(sys.argv[2]), "num_shards": 1,
+        "addresses": [{"host": os.uname().nodename, "unix": sys.argv[1], "tcp": None}],
+        "shards": [None], "cache_key": None}
+cache = Cache(spec)
+n = int(sys.argv[3])
+sys.setswitchinterval(0.02)  # a loaded interpreter: other threads get few turns
+times = [0.0] * n
+cache.write("warm-up", 0, wait=True)
+for i in range(n):
+    times[i] = time.monotonic()
+    cache.write(("w", i), i)
+    spin = time.monotonic() + 0.0001  # a busy writer: the linger thread rarely runs
+    while time.monotonic() < spin:
+        pass
+last = times[-1]
+old = sum(1 for t in times if t <= last - 0.002)  # queued over 2 ms before the crash
+os.write(1, f"{old}\n".encode())
+os._exit(0)
+"""
+
+
+def test_queued_writes_go_out_within_the_linger_window_even_from_a_busy_writer(host):
+    # Bug: in a tight loop the linger thread could not get the interpreter, and a process
+    # that wrote 1,000 keys and died lost nearly all of them. Now every write queued more
+    # than the linger window (1 ms) before the process died has been sent.
+    n = 400
+    out = subprocess.run(
+        [sys.executable, "-c", WRITER, host.address()["unix"], SECRET.hex(), str(n)],
+        capture_output=True, text=True, timeout=120, cwd=os.path.dirname(TESTS_DIR))
+    assert out.returncode == 0, out.stderr
+    old = int(out.stdout.strip())
+    assert old > n // 2  # the loop ran long enough for the check to mean something
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # let the server read what the socket holds
+        have = [host.core.contains(encode_key(("w", i))) for i in range(n)]
+        if all(have[:old]):
+            break
+        time.sleep(0.05)
+    missing = [i for i in range(old) if not have[i]]
+    assert not missing, f"{len(missing)} writes queued over 2 ms before exit were lost"
