@@ -17,7 +17,7 @@ from typing import Any
 import ray
 from ray import cloudpickle
 
-from .errors import FlushError, LeaseLostError
+from .errors import CacheClosedError, LeaseLostError, ShardUnavailableError, ShutdownError
 from .shard import ShardCore
 from .transport import Op, ShardServer
 
@@ -53,6 +53,9 @@ class ShardHost:
         # check and the operation it guards are atomic.
         self._leases: dict[bytes, Grant] = {}
         self._gen = 0
+        # Set (under the core's lock) while the shard closes: writes are refused from then
+        # on, so none can land after the final flush; cleared again if that flush fails.
+        self._closing = False
         self._lease_cond = threading.Condition(self.core._lock)
         self.lease_stats = {"leases_granted": 0, "recalls": 0, "leases_expired": 0}
         handlers = {
@@ -113,10 +116,15 @@ class ShardHost:
             self._lease_cond.notify_all()  # wakes the owner's long poll
             self._lease_cond.wait(max(0.0005, blocked.expires - now))
 
+    def _refuse_if_closing(self) -> None:
+        if self._closing:
+            raise CacheClosedError(f"shard {self.index} is shutting down: write refused")
+
     def _lease(self, kbs: list[bytes], owner: bytes, ttl_ms: float) -> list[Any]:
         """Grant ``owner`` exclusive use of ``kbs`` (recalling other owners first); return
         ``[generation, values]``: the grant's identity and the keys' current values."""
         with self._lease_cond:
+            self._refuse_if_closing()
             self._wait_unleased([kb for kb in kbs
                                  if kb in self._leases and self._leases[kb].owner != owner])
             expires = time.monotonic() + ttl_ms / 1000
@@ -136,6 +144,8 @@ class ShardHost:
         grants. Refused, applying nothing, if a written key's grant is no longer current
         (it expired, or was replaced): those writes were made under a lost lease."""
         with self._lease_cond:
+            if items:
+                self._refuse_if_closing()
             lost = [kb for kb, _, _, gen in items if not self._holds(kb, owner, gen)]
             try:
                 if not lost and items:
@@ -189,6 +199,7 @@ class ShardHost:
 
     def _write(self, kb: bytes, ab: bytes | None, vb: bytes, ckpt: bytes | None = None) -> None:
         with self._lease_cond:
+            self._refuse_if_closing()
             if self._leases:
                 self._wait_unleased((kb,))
             if ckpt:
@@ -198,6 +209,7 @@ class ShardHost:
 
     def _write_many(self, items: list[list[Any]], ckpt: bytes | None = None) -> int:
         with self._lease_cond:
+            self._refuse_if_closing()
             if self._leases:
                 self._wait_unleased([item[0] for item in items])
             if ckpt:
@@ -212,6 +224,7 @@ class ShardHost:
             fn = cloudpickle.loads(fn_blob)
             self.core.register_function(digest, fn)
         with self._lease_cond:
+            self._refuse_if_closing()
             if self._leases:
                 self._wait_unleased((kb,))
             return self.core.update(kb, ab, fn)
@@ -231,12 +244,21 @@ class ShardHost:
         m.update(self.lease_stats)
         m["leased_keys"] = len(self._leases)
         m["auth_failures"] = self.server.auth_failures
+        m["handshake_refused"] = self.server.handshake_refused
         m["connections"] = self.server.connections
         return m
 
     def close(self, disconnect: bool = False) -> dict[str, Any]:
-        """Flush and stop serving; raise FlushError (still serving) if a store failed."""
-        metrics = self.core.close(disconnect=disconnect)
+        """Refuse writes, flush and stop serving; if a store fails, raise FlushError and
+        keep serving (writes accepted again), so nothing buffered is lost."""
+        with self._lease_cond:
+            self._closing = True
+        try:
+            metrics = self.core.close(disconnect=disconnect)
+        except BaseException:
+            with self._lease_cond:
+                self._closing = False
+            raise
         self._stop.set()
         self.server.close()
         try:
@@ -283,24 +305,35 @@ class Coordinator:
     def metrics(self) -> list[dict[str, Any]]:
         return ray.get([s.metrics.remote() for s in self._shards])
 
-    def shutdown(self, disconnect: bool = False) -> list[dict[str, Any]]:
-        """Close every shard (flushing it). Raises FlushError and leaves all actors running if
-        any store failed, so no buffered write is lost."""
-        refs = [s.close.remote(disconnect) for s in self._shards]
-        out, errors = [], []
-        for ref in refs:
+    def _each(self, method: str, *args: Any) -> tuple[list[Any], dict[int, BaseException]]:
+        """Call ``method`` on every shard; per shard its result, or its error."""
+        refs = [getattr(s, method).remote(*args) for s in self._shards]
+        out: list[Any] = [None] * len(refs)
+        errors: dict[int, BaseException] = {}
+        for i, ref in enumerate(refs):
             try:
-                out.append(ray.get(ref))
-            except FlushError as e:
-                errors.append(e)
+                out[i] = ray.get(ref)
             except ray.exceptions.RayTaskError as e:
-                cause = e.as_instanceof_cause()
-                if isinstance(cause, FlushError):
-                    errors.append(cause)
-                else:
-                    raise
+                cause = e.cause if isinstance(e.cause, Exception) else None
+                errors[i] = cause or ShardUnavailableError(str(e).strip().splitlines()[-1])
+            except ray.exceptions.RayActorError as e:
+                errors[i] = ShardUnavailableError(f"shard {i} is gone: {type(e).__name__}")
+            except Exception as e:
+                errors[i] = e
+        return out, errors
+
+    def shutdown(self, disconnect: bool = False) -> list[dict[str, Any]]:
+        """Flush every shard, then close them all and remove the actors.
+
+        Two phases, so a failure never half-closes the cache: if any shard cannot flush
+        (its store is down, or it is dead), nothing is closed and ShutdownError lists every
+        failing shard; the others keep serving and flushing."""
+        _, errors = self._each("flush")
         if errors:
-            raise errors[0]
+            raise ShutdownError(errors)
+        out, errors = self._each("close", disconnect)
+        if errors:  # a store failed between the phases: those shards still serve
+            raise ShutdownError(errors)
         for s in self._shards:
             ray.kill(s)
         return out

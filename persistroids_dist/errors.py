@@ -17,6 +17,7 @@ __all__ = [
     "PersistroidsError",
     "RemoteError",
     "ShardUnavailableError",
+    "ShutdownError",
     "StoreDataError",
     "StoreUnavailableError",
     "UnacknowledgedWritesError",
@@ -110,3 +111,20 @@ class StoreUnavailableError(PersistroidsError, ConnectionError):
 class StoreDataError(PersistroidsError, ValueError):
     """A connector returned data the cache cannot use (undecodable bytes, a wrong type, a
     result list of the wrong length). Nothing of it was cached."""
+
+
+class ShutdownError(PersistroidsError):
+    """``shutdown()`` could not flush every shard, so it closed none of them: every shard
+    that is alive keeps serving and flushing, and nothing buffered is lost. ``failures``
+    maps each failing shard's index to its error; call ``shutdown()`` again once they are
+    back (a dead shard's buffered writes are gone with it)."""
+
+    def __init__(self, failures: dict[int, BaseException]) -> None:
+        self.failures = failures
+        detail = "; ".join(f"shard {i}: {type(e).__name__}: {e}"
+                           for i, e in sorted(failures.items()))
+        super().__init__(f"shutdown failed for {len(failures)} shard(s), nothing was closed: "
+                         f"{detail}")
+
+    def __reduce__(self):
+        return (type(self), (self.failures,))
