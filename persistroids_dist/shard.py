@@ -22,7 +22,7 @@ from typing import Any
 
 from .codec import decode_key, decode_value, encode_key, encode_value
 from .connector import Connector
-from .errors import FlushError, WriteError
+from .errors import FlushError, StoreDataError, WriteError
 
 __all__ = ["ShardCore", "default_merge"]
 
@@ -48,6 +48,14 @@ def default_merge(*values: Any) -> Any:
             merged.update(v)
         return merged
     return present[-1]
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        encode_value(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _defined_at(obj: Any, name: str) -> int:
@@ -275,18 +283,59 @@ class ShardCore:
         reads encoded bytes and the default merge, values are never decoded here at all.
         """
         if self._encoded_reader is not None:
-            return [None if vb is None or vb == _NONE else vb
-                    for vb in self._call(self._encoded_reader, encoded)]
+            conn = self.connectors[0]
+            rows = self._rows(conn, self._call(self._encoded_reader, encoded), encoded,
+                              "read_many_encoded")
+            for ab, vb in zip(encoded, rows):
+                if vb is None:
+                    continue
+                try:
+                    if type(vb) is not bytes:
+                        raise TypeError(f"got {type(vb).__qualname__}, not bytes")
+                    decode_value(vb)
+                except Exception as e:
+                    raise self._garbage(conn, ab, "undecodable stored bytes", e) from None
+            return [None if vb is None or vb == _NONE else vb for vb in rows]
         args = [decode_value(ab) for ab in encoded]
         columns = []
         for conn in self.connectors:
             if len(args) > 1 and hasattr(conn, "read_many"):
-                columns.append(self._call(conn.read_many, args))
+                columns.append(self._rows(conn, self._call(conn.read_many, args), encoded,
+                                          "read_many"))
             else:
                 columns.append([self._call(conn.read, a) for a in args])
         values = [self.merge_query_fn(*row) for row in zip(*columns)] if columns else \
             [None] * len(args)
-        return [None if v is None else encode_value(v) for v in values]
+        out = []
+        for i, (ab, v) in enumerate(zip(encoded, values)):
+            try:
+                out.append(None if v is None else encode_value(v))
+            except TypeError as e:
+                # Name the store that returned it (else the merge made it).
+                culprit = next((c for c, col in zip(self.connectors, columns)
+                                if not _encodable(col[i])), None)
+                if culprit is None:
+                    raise StoreDataError(f"shard {self.index}: merge_query_fn returned a value "
+                                         f"the cache cannot store for key "
+                                         f"{decode_value(ab)!r}: {e}") from None
+                raise self._garbage(culprit, ab, "a value the cache cannot store", e) from None
+        return out
+
+    def _rows(self, conn: Connector, rows: Any, encoded: list[bytes], method: str) -> Any:
+        """``rows`` if it is one result per key asked; else StoreDataError."""
+        if not isinstance(rows, (list, tuple)) or len(rows) != len(encoded):
+            got = (f"{len(rows)} result(s)" if isinstance(rows, (list, tuple))
+                   else f"a {type(rows).__qualname__}")
+            raise StoreDataError(
+                f"shard {self.index}: connector {conn.get_id()!r}: {method} returned {got} for "
+                f"{len(encoded)} key(s) (first key {decode_value(encoded[0])!r}); it must "
+                "return a list with one value (or None) per key") from None
+        return rows
+
+    def _garbage(self, conn: Connector, ab: bytes, what: str, e: Exception) -> StoreDataError:
+        return StoreDataError(f"shard {self.index}: connector {conn.get_id()!r} returned {what} "
+                              f"for key {decode_value(ab)!r} ({type(e).__name__}: {e}); "
+                              "nothing was cached")
 
     # -- writes ---------------------------------------------------------------------------
     def _write1(self, kb: bytes, ab: bytes | None, vb: bytes) -> None:
