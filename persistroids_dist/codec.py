@@ -5,10 +5,11 @@ byte string per key, the same in every process), so that routing and the shard-s
 can use the bytes directly: ``hash()`` differs per process, and Python would merge ``1``, ``1.0``
 and ``True`` into one dict key, while here they are three distinct keys.
 
-Tuples are a msgpack ext type (code 1) holding the msgpack array of their items. Tuples of
-scalars and nested tuples are written by a hand-rolled encoder (``_tuple_bytes``) that emits the
-same bytes as msgpack with the ``default`` hook (``_reference_packb``, kept for the tests), in
-about a fifth of the time; any other shape takes the general path.
+Tuples are a msgpack ext type (code 1) holding the msgpack array of their items. Tuple keys and
+values take a fast path (``_tuple_bytes``) that writes the same bytes as msgpack with the
+``default`` hook (``_reference_packb``, kept for the tests) in a fifth of the time: a tuple of
+scalars is packed in C by one shared Packer, nested tuples by a hand-rolled encoder, and any other
+shape takes the general path.
 
 NumPy scalars (``np.int64``, ``np.float32``, ``np.bool_``, ``np.str_``, ...), as Ray Data hands
 them out, are keys and values too: each encodes exactly as the Python value it holds
@@ -97,7 +98,25 @@ _FIXINT = {i: bytes((i & 0xFF,)) for i in range(-32, 128)}
 _EXT_HEADER = [bytes((0xC7, n, _TUPLE_EXT)) for n in range(256)]  # ext 8
 for _n, _code in ((1, 0xD4), (2, 0xD5), (4, 0xD6), (8, 0xD7), (16, 0xD8)):  # fixext
     _EXT_HEADER[_n] = bytes((_code, _TUPLE_EXT))
-_FAST_ERRORS = (_Fallback, UnicodeEncodeError, RecursionError)
+# Whatever the fast path raises sends the input down the general path, which raises the error the
+# caller sees (UnicodeEncodeError is a ValueError; OverflowError: an integer beyond 64 bits).
+_FAST_ERRORS = (_Fallback, ValueError, OverflowError, RecursionError)
+
+# A tuple of these exact types (no subclass, no nested tuple) is packed by msgpack itself, as an
+# array (a non-strict Packer packs a tuple as a list). One Packer is shared: packing only exact
+# built-in scalars runs in C from start to end, calling no Python code and not releasing the GIL,
+# so no two threads can interleave in its buffer (msgpack also guards ``pack`` with a critical
+# section on free-threaded builds). It is replaced after an unusually large tuple, so as not to
+# keep a grown buffer.
+_FLAT_TYPES = frozenset((str, int, float, bytes, bool, type(None)))
+_all_flat = _FLAT_TYPES.issuperset
+_PACKER_BUF_SIZE = 256 * 1024
+_flat_pack = msgpack.Packer(use_bin_type=True, buf_size=_PACKER_BUF_SIZE).pack
+
+
+def _renew_flat_packer() -> None:
+    global _flat_pack
+    _flat_pack = msgpack.Packer(use_bin_type=True, buf_size=_PACKER_BUF_SIZE).pack
 
 
 def _tuple_payload(t: tuple[Any, ...]) -> bytes:
@@ -172,13 +191,23 @@ def _tuple_payload(t: tuple[Any, ...]) -> bytes:
 
 
 def _tuple_bytes(t: tuple[Any, ...]) -> bytes:
-    """``t`` as the tuple ext type, byte for byte what ``_reference_packb(t)`` returns."""
-    data = _tuple_payload(t)
+    """``t`` as the tuple ext type, byte for byte what ``_reference_packb(t)`` returns; raise one
+    of ``_FAST_ERRORS`` for a shape left to the general path."""
+    data = _flat_pack(t) if _all_flat(map(type, t)) else _tuple_payload(t)
     m = len(data)
     if m < 0x100:
         return _EXT_HEADER[m] + data
+    return _long_ext(data)
+
+
+def _long_ext(data: bytes) -> bytes:
+    m = len(data)
+    if m > _PACKER_BUF_SIZE:
+        _renew_flat_packer()
     if m < 0x10000:
         return _u16(0xC8, m) + b"\x01" + data
+    if m <= 0xFFFFFFFF:
+        return _u32(0xC9, m) + b"\x01" + data
     raise _Fallback
 
 
@@ -197,7 +226,12 @@ def _ext_default(obj: Any) -> Any:
     # Tuples are kept apart from lists so that a tuple key or value comes back as a tuple.
     if type(obj) is tuple:
         try:
-            payload = _tuple_payload(obj)
+            if _all_flat(map(type, obj)):
+                payload = _flat_pack(obj)
+                if len(payload) > _PACKER_BUF_SIZE:
+                    _renew_flat_packer()
+            else:
+                payload = _tuple_payload(obj)
         except _FAST_ERRORS:
             payload = _packer_bytes(list(obj))
         return msgpack.ExtType(_TUPLE_EXT, payload)
@@ -254,16 +288,16 @@ def encode_key(key: Any) -> bytes:
     t = type(key)
     if t is str:  # the common cases, without the recursive type check (same bytes)
         return _plain_packb(key)
-    if t in _SCALARS or key is None:
-        try:
-            return _plain_packb(key)
-        except OverflowError:
-            raise TypeError(f"invalid cache key {key!r}: it does not fit in 64 bits") from None
     if t is tuple:
         try:
             return _tuple_bytes(key)
         except _FAST_ERRORS:
             pass
+    elif t in _SCALARS or key is None:
+        try:
+            return _plain_packb(key)
+        except OverflowError:
+            raise TypeError(f"invalid cache key {key!r}: it does not fit in 64 bits") from None
     else:
         conv = _numpy_scalar(t)
         if conv is not None:
