@@ -102,12 +102,14 @@ for _n, _code in ((1, 0xD4), (2, 0xD5), (4, 0xD6), (8, 0xD7), (16, 0xD8)):  # fi
 # caller sees (UnicodeEncodeError is a ValueError; OverflowError: an integer beyond 64 bits).
 _FAST_ERRORS = (_Fallback, ValueError, OverflowError, RecursionError)
 
-# A tuple of these exact types (no subclass, no nested tuple) is packed by msgpack itself, as an
-# array (a non-strict Packer packs a tuple as a list). One Packer is shared: packing only exact
-# built-in scalars runs in C from start to end, calling no Python code and not releasing the GIL,
-# so no two threads can interleave in its buffer (msgpack also guards ``pack`` with a critical
-# section on free-threaded builds). It is replaced after an unusually large tuple, so as not to
-# keep a grown buffer.
+# A scalar of these exact types (no subclass), and a tuple, list or dict of them, is packed by
+# msgpack itself with one shared Packer: ``msgpack.packb`` would build a Packer (and its buffer)
+# per call, which costs four times the packing of a short key. Sharing is safe because packing
+# exact built-in scalars runs in C from start to end, calling no Python code and not releasing
+# the GIL, so no two threads can interleave in its buffer (msgpack also guards ``pack`` with a
+# critical section on free-threaded builds); on an error ``pack`` empties the buffer. The
+# Packer is not strict: a tuple is packed as an array, which is the tuple ext type's payload.
+# It is replaced after an unusually large output, so as not to keep a grown buffer.
 _FLAT_TYPES = frozenset((str, int, float, bytes, bool, type(None)))
 _all_flat = _FLAT_TYPES.issuperset
 _PACKER_BUF_SIZE = 256 * 1024
@@ -227,9 +229,7 @@ def _ext_default(obj: Any) -> Any:
     if type(obj) is tuple:
         try:
             if _all_flat(map(type, obj)):
-                payload = _flat_pack(obj)
-                if len(payload) > _PACKER_BUF_SIZE:
-                    _renew_flat_packer()
+                payload = _pack_flat(obj)
             else:
                 payload = _tuple_payload(obj)
         except _FAST_ERRORS:
@@ -279,25 +279,29 @@ def _check_key(key: Any) -> None:
         )
 
 
-_SCALARS = frozenset((str, int, float, bytes, bool))
-_plain_packb = msgpack.packb
+def _pack_flat(obj: Any) -> bytes:
+    out = _flat_pack(obj)
+    if len(out) > _PACKER_BUF_SIZE:
+        _renew_flat_packer()
+    return out
 
 
 def encode_key(key: Any) -> bytes:
     """Return the canonical bytes of a cache key; raise TypeError for an unsupported key."""
     t = type(key)
-    if t is str:  # the common cases, without the recursive type check (same bytes)
-        return _plain_packb(key)
+    if t in _FLAT_TYPES:  # the common cases, without the recursive type check (same bytes)
+        try:
+            out = _flat_pack(key)
+        except OverflowError:
+            raise TypeError(f"invalid cache key {key!r}: it does not fit in 64 bits") from None
+        if len(out) > _PACKER_BUF_SIZE:
+            _renew_flat_packer()
+        return out
     if t is tuple:
         try:
             return _tuple_bytes(key)
         except _FAST_ERRORS:
             pass
-    elif t in _SCALARS or key is None:
-        try:
-            return _plain_packb(key)
-        except OverflowError:
-            raise TypeError(f"invalid cache key {key!r}: it does not fit in 64 bits") from None
     else:
         conv = _numpy_scalar(t)
         if conv is not None:
@@ -318,14 +322,29 @@ def encode_value(value: Any) -> bytes:
     if value is None:
         return _NONE_BYTES
     t = type(value)
-    if t in _SCALARS:  # the common cases, without the hooks (same bytes)
+    if t in _FLAT_TYPES:  # the common cases, without the hooks (same bytes)
         try:
-            return _plain_packb(value)
+            out = _flat_pack(value)
         except OverflowError:
             raise TypeError(f"cannot encode integer {value}: it does not fit in 64 bits") from None
+        if len(out) > _PACKER_BUF_SIZE:
+            _renew_flat_packer()
+        return out
     if t is tuple:
         try:
             return _tuple_bytes(value)
+        except _FAST_ERRORS:
+            pass
+    elif t is dict:
+        try:
+            if _all_flat(map(type, value.values())) and _all_flat(map(type, value)):
+                return _pack_flat(value)
+        except _FAST_ERRORS:
+            pass
+    elif t is list:
+        try:
+            if _all_flat(map(type, value)):
+                return _pack_flat(value)
         except _FAST_ERRORS:
             pass
     else:

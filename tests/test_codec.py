@@ -164,9 +164,22 @@ def test_a_failed_tuple_leaves_the_shared_packer_clean():
         with pytest.raises((TypeError, ValueError)):
             encode_value(bad)
         assert encode_key(("user", 42)) == b"\xc7\x07\x01\x92\xa4user*"
-    with pytest.raises(TypeError, match="encode"):
-        encode_value([("t", 2**70)])
-    assert encode_value([("t", 1)]) == _reference_packb([("t", 1)])
+    for bad_value in ([("t", 2**70)], [1, 2**70], {"a": 2**70}, {2**70: 1}, ["\ud800"]):
+        with pytest.raises(TypeError, match="encode"):
+            encode_value(bad_value)
+        for good in ([("t", 1)], [1, "x"], {"a": 1}, "s" * 40, ("u", 2)):
+            assert encode_value(good) == _reference_packb(good)
+    with pytest.raises(TypeError, match="key"):
+        encode_key(2**64)
+    assert encode_key(2**64 - 1) == _reference_packb(2**64 - 1)
+
+
+def test_large_outputs_do_not_keep_a_grown_buffer_and_stay_exact():
+    for big in ("s" * 300_000, b"b" * 300_000, ["l" * 300_000], {"d": b"x" * 300_000},
+                ("t" * 300_000,), [("n", "t" * 300_000)]):
+        assert encode_value(big) == _reference_packb(big)
+        assert encode_value([1, "small"]) == _reference_packb([1, "small"])
+    assert encode_key("k" * 300_000) == _reference_packb("k" * 300_000)
 
 
 def test_tuples_encode_exactly_from_many_threads_at_once():
