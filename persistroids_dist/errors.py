@@ -113,18 +113,25 @@ class StoreDataError(PersistroidsError, ValueError):
     result list of the wrong length). Nothing of it was cached."""
 
 
-class ShutdownError(PersistroidsError):
+class ShutdownError(FlushError):
     """``shutdown()`` could not flush every shard, so it closed none of them: every shard
     that is alive keeps serving and flushing, and nothing buffered is lost. ``failures``
     maps each failing shard's index to its error; call ``shutdown()`` again once they are
-    back (a dead shard's buffered writes are gone with it)."""
+    back (a dead shard's buffered writes are gone with it). A FlushError: ``shard`` is the
+    first failing shard, ``errors`` the failing connectors of every shard."""
 
     def __init__(self, failures: dict[int, BaseException]) -> None:
         self.failures = failures
+        self.shard = min(failures)
+        self.errors = {}
+        for i, e in sorted(failures.items()):
+            for cid, err in (e.errors.items() if isinstance(e, FlushError)
+                             else [(f"shard {i}", e)]):
+                self.errors.setdefault(cid, err)
         detail = "; ".join(f"shard {i}: {type(e).__name__}: {e}"
                            for i, e in sorted(failures.items()))
-        super().__init__(f"shutdown failed for {len(failures)} shard(s), nothing was closed: "
-                         f"{detail}")
+        PersistroidsError.__init__(
+            self, f"shutdown failed for {len(failures)} shard(s), nothing was closed: {detail}")
 
     def __reduce__(self):
         return (type(self), (self.failures,))

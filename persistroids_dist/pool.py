@@ -50,7 +50,7 @@ class Pool:
             if self.closed:
                 raise CacheClosedError(f"cache {self.spec['name']!r} was shut down")
             c = self.conns[shard]
-            if c is not None:  # closed by the linger thread after a send failed
+            if c is not None and c.closed:  # closed by the linger thread: a send failed
                 self._retire(shard, c)
             if c is None or c.closed:
                 try:
