@@ -7,16 +7,21 @@ cross processes. A shard calls its connector from one thread at a time.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-from .codec import encode_value
+from .codec import decode_value, encode_value
 
-__all__ = ["BaseConnector", "Connector", "MsgpackRowsConnector"]
+__all__ = ["BaseConnector", "Connector", "MsgpackRowsConnector", "as_connector",
+           "encoded_reader", "reader", "writer"]
 
 
 @runtime_checkable
 class Connector(Protocol):
-    """What every connector provides. ``connect`` and ``disconnect`` are optional.
+    """What every connector provides. ``BaseConnector`` documents the optional methods
+    and their defaults; an object that is not a BaseConnector gets those defaults too.
 
     Any method may be a coroutine function (``async def``); the shard then runs it on its own
     event loop.
@@ -46,20 +51,49 @@ class Connector(Protocol):
         ...
 
 
-# Optional fast paths a connector may add (the shard looks for them once, at start):
-#   read_many(args_list) -> list of values (None where absent): one store round trip for
-#       the keys a read_many missed.
-#   write_encoded(args_bytes, value_bytes) -> payload | None: like ``write``, but given the
-#       msgpack encodings (``codec.encode_value``) of args and value, so a store that keeps
-#       msgpack bytes skips a decode and a re-encode per write.
-
-
 class BaseConnector:
-    """Optional base class: no-op ``connect``/``disconnect`` and ``(args, value)`` payloads."""
+    """The base class of connectors: three methods to write, the rest has defaults.
+
+    A connector implements ``read``, ``flush`` and (unless the ``(args, value)`` payload
+    suits it) ``write``. Every other method has a documented default that delegates to
+    those, as dogpile.cache's backends do: ``read_many`` calls ``read`` per key,
+    ``read_many_encoded`` calls ``read_many``, ``write_encoded`` calls ``write``. A store
+    overrides a default only to do the same work faster (one round trip for many keys,
+    msgpack bytes passed through).
+
+    The shard always goes through the batched, encoded paths (``reader``, ``encoded_reader``
+    and ``writer`` below); the defaults make that the same as calling the simple methods. A
+    fast path counts only while no subclass overrode the method it stands for: a subclass
+    that overrides ``write`` (to audit, or to refuse some writes) sees every write even if
+    its parent had a ``write_encoded``, and one that overrides ``read`` or ``read_many``
+    sees every read. Any method may be ``async def``.
+    """
 
     id: str = "base"
+    # Whether the fast path stands for this class's own read/read_many/write (set per
+    # subclass by __init_subclass__; see ``reader``, ``encoded_reader``, ``writer``).
+    _own_read_many = False
+    _own_read_many_encoded = False
+    _own_write_encoded = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "read_many" in own:
+            cls._own_read_many = True
+        elif "read" in own:
+            cls._own_read_many = False
+        if "read_many_encoded" in own:
+            cls._own_read_many_encoded = True
+        elif "read" in own or "read_many" in own:
+            cls._own_read_many_encoded = False
+        if "write_encoded" in own:
+            cls._own_write_encoded = True
+        elif "write" in own:
+            cls._own_write_encoded = False
 
     def get_id(self) -> str:
+        """A stable id, unique among the cache's connectors (default: ``self.id``)."""
         return self.id
 
     def connect(self) -> None:
@@ -69,16 +103,107 @@ class BaseConnector:
         """Close connections; runs at shutdown when ``disconnect=True`` is asked for."""
 
     def read(self, args: Any) -> Any:
-        raise NotImplementedError
+        """Return the stored value for ``args``, or None if absent. Required."""
+        raise NotImplementedError(f"{type(self).__qualname__} must implement read()")
+
+    def read_many(self, args_list: list[Any]) -> Any:
+        """The stored values of ``args_list``, in order (None where absent).
+
+        Default: ``read`` per key. Override with one store round trip for all of them."""
+        results = [self.read(a) for a in args_list]
+        if results and inspect.isawaitable(results[0]):
+            return _gather(results)
+        return results
+
+    def read_many_encoded(self, encoded_args: list[bytes]) -> Any:
+        """Like ``read_many``, given and returning msgpack bytes (``codec.encode_value``).
+
+        Default: decodes the args, calls ``read_many``, encodes the values. Override when
+        the store keeps msgpack bytes: the shard then never decodes what it caches."""
+        values = self.read_many([decode_value(a) for a in encoded_args])
+        return _then(values, _encode_all)
 
     def write(self, args: Any, value: Any) -> Any:
+        """Return the payload to buffer until the next flush for this write (a later write to
+        the same key replaces it), or None when nothing is to be buffered.
+
+        Default: the payload is ``(args, value)``."""
         return (args, value)
 
+    def write_encoded(self, args_bytes: bytes, value_bytes: bytes) -> Any:
+        """Like ``write``, given the msgpack encodings of args and value.
+
+        Default: decodes both and calls ``write`` (each connector gets its own copy)."""
+        return self.write(decode_value(args_bytes), decode_value(value_bytes))
+
     def flush(self, payloads: list[Any]) -> None:
-        raise NotImplementedError
+        """Persist ``payloads`` (in write order, one per key) as one batch. Required.
+
+        Raise on failure: the shard keeps every payload of this batch buffered and retries."""
+        raise NotImplementedError(f"{type(self).__qualname__} must implement flush()")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.get_id()!r})"
+
+
+def reader(conn: BaseConnector) -> Callable[[list[Any]], Any]:
+    """What the shard calls to read many keys from ``conn``."""
+    if conn._own_read_many:
+        return conn.read_many
+    return functools.partial(BaseConnector.read_many, conn)
+
+
+def encoded_reader(conn: BaseConnector) -> Callable[[list[bytes]], Any] | None:
+    """``conn``'s own ``read_many_encoded``, or None when it has none (reads then go through
+    ``reader``, and the shard encodes what it caches)."""
+    return conn.read_many_encoded if conn._own_read_many_encoded else None
+
+
+def writer(conn: BaseConnector) -> Callable[[bytes, bytes], Any]:
+    """What the shard calls for each write to ``conn``, with encoded args and value."""
+    if conn._own_write_encoded:
+        return conn.write_encoded
+    return functools.partial(BaseConnector.write_encoded, conn)
+
+
+class _Adapted(BaseConnector):
+    """A connector that only follows the ``Connector`` protocol, given the base class's
+    defaults for what it lacks."""
+
+    def __init__(self, conn: Any) -> None:
+        self.wrapped = conn
+        for name in ("get_id", "connect", "disconnect", "read", "read_many",
+                     "read_many_encoded", "write", "write_encoded", "flush"):
+            fn = getattr(conn, name, None)
+            if callable(fn):
+                setattr(self, name, fn)  # its own method wins over the default
+                if name in ("read_many", "read_many_encoded", "write_encoded"):
+                    setattr(self, f"_own_{name}", True)
+
+    def __repr__(self) -> str:
+        return repr(self.wrapped)
+
+
+def as_connector(conn: Any) -> BaseConnector:
+    """``conn`` itself if it is a BaseConnector, else ``conn`` with the defaults added."""
+    return conn if isinstance(conn, BaseConnector) else _Adapted(conn)
+
+
+async def _gather(awaitables: list[Any]) -> list[Any]:
+    return [await a for a in awaitables]
+
+
+def _then(result: Any, fn: Any) -> Any:
+    """``fn(result)``, after awaiting ``result`` if it is awaitable."""
+    if inspect.isawaitable(result):
+        async def chained() -> Any:
+            return fn(await result)
+        return chained()
+    return fn(result)
+
+
+def _encode_all(values: list[Any]) -> list[bytes | None]:
+    return [None if v is None else encode_value(v) for v in values]
 
 
 class MsgpackRowsConnector(BaseConnector):

@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 from threading import RLock
 from typing import Any
 
-from .codec import decode_key, decode_value, encode_key, encode_value
-from .connector import Connector
+from .codec import decode_value, encode_key, encode_value
+from .connector import BaseConnector, Connector, as_connector, encoded_reader, reader, writer
 from .errors import FlushError, StoreDataError, WriteError
 
 __all__ = ["ShardCore", "default_merge"]
@@ -58,16 +58,6 @@ def _encodable(value: Any) -> bool:
     return True
 
 
-def _defined_at(obj: Any, name: str) -> int:
-    """Position in ``type(obj).__mro__`` of the class that defines ``name`` (instance: -1)."""
-    if name in getattr(obj, "__dict__", {}):
-        return -1
-    for i, cls in enumerate(type(obj).__mro__):
-        if name in cls.__dict__:
-            return i
-    return len(type(obj).__mro__)
-
-
 class ShardCore:
     """A cache partition with write-behind buffering in front of ``connectors``.
 
@@ -98,7 +88,9 @@ class ShardCore:
         if writes_threshold < 0 or millis_threshold <= 0 or max_entries < 1:
             raise ValueError("writes_threshold >= 0, millis_threshold > 0 and max_entries >= 1")
         self.index = index
-        self.connectors = list(connectors)
+        # Every connector as a BaseConnector: its optional methods exist (delegating
+        # defaults), so the shard always calls the batched, encoded paths.
+        self.connectors = [as_connector(c) for c in connectors]
         self._ids = ids
         self.init_fn = init_fn
         self.merge_query_fn = merge_query_fn or default_merge
@@ -129,34 +121,23 @@ class ShardCore:
              "checkpoint_errors", "over_capacity"), 0)
         self.last_errors: dict[str, str] = {}
         for conn in self.connectors:
-            connect = getattr(conn, "connect", None)
-            if connect is not None:
-                self._call(connect)
-        # Per connector, how a write reaches it: (takes encoded bytes?, callable). Resolved
-        # once, so the per-write path does no attribute lookups or awaitable checks.
+            self._call(conn.connect)
+        # Per connector, the callable a write goes through, resolved once so that the
+        # per-write path does no attribute lookups or awaitable checks.
         self._writers = [self._writer(conn) for conn in self.connectors]
-        self._encoded_reader = self._reader()
+        # Reads as stored bytes, never decoded here: when one connector serves them itself
+        # and the default merge applies.
+        self._encoded_reader = (
+            encoded_reader(self.connectors[0])
+            if len(self.connectors) == 1 and self.merge_query_fn is default_merge else None)
+        self._readers = [reader(conn) for conn in self.connectors]
 
-    def _reader(self) -> Callable[..., Any] | None:
-        """A connector's ``read_many_encoded``, when it alone can serve reads as stored bytes:
-        one connector, the default merge, and no subclass override of read/read_many."""
-        if len(self.connectors) != 1 or self.merge_query_fn is not default_merge:
-            return None
-        conn = self.connectors[0]
-        fn = getattr(conn, "read_many_encoded", None)
-        if fn is None or _defined_at(conn, "read_many_encoded") > min(
-                _defined_at(conn, "read"), _defined_at(conn, "read_many")):
-            return None
+    def _writer(self, conn: BaseConnector) -> Callable[[bytes, bytes], Any]:
+        fn = writer(conn)
+        if inspect.iscoroutinefunction(conn.write_encoded) or \
+                inspect.iscoroutinefunction(conn.write):
+            return lambda *a: self._call(fn, *a)
         return fn
-
-    def _writer(self, conn: Connector) -> tuple[bool, Callable[..., Any]]:
-        fast = getattr(conn, "write_encoded", None)
-        if fast is not None and _defined_at(conn, "write_encoded") > _defined_at(conn, "write"):
-            fast = None  # a subclass overrode write() only: its write() must see every write
-        fn = fast if fast is not None else conn.write
-        if inspect.iscoroutinefunction(fn):
-            return fast is not None, lambda *a: self._call(fn, *a)
-        return fast is not None, fn
 
     # -- helpers --------------------------------------------------------------------------
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -166,9 +147,6 @@ class ShardCore:
                 self._loop = asyncio.new_event_loop()
             result = self._loop.run_until_complete(result)
         return result
-
-    def _args(self, kb: bytes, ab: bytes | None) -> Any:
-        return decode_key(kb) if ab is None else decode_value(ab)
 
     def _put(self, kb: bytes, vb: bytes) -> None:
         entries = self._entries
@@ -298,12 +276,8 @@ class ShardCore:
             return [None if vb is None or vb == _NONE else vb for vb in rows]
         args = [decode_value(ab) for ab in encoded]
         columns = []
-        for conn in self.connectors:
-            if len(args) > 1 and hasattr(conn, "read_many"):
-                columns.append(self._rows(conn, self._call(conn.read_many, args), encoded,
-                                          "read_many"))
-            else:
-                columns.append([self._call(conn.read, a) for a in args])
+        for conn, read_many in zip(self.connectors, self._readers):
+            columns.append(self._rows(conn, self._call(read_many, args), encoded, "read_many"))
         values = [self.merge_query_fn(*row) for row in zip(*columns)] if columns else \
             [None] * len(args)
         out = []
@@ -341,16 +315,10 @@ class ShardCore:
     def _write1(self, kb: bytes, ab: bytes | None, vb: bytes) -> None:
         payloads = []
         if self.connectors:
-            args: Any = _UNSET
+            ab = kb if ab is None else ab
             try:
-                for encoded, write in self._writers:
-                    if encoded:
-                        payloads.append(write(kb if ab is None else ab, vb))
-                        continue
-                    if args is _UNSET:
-                        args = self._args(kb, ab)
-                    # Each connector gets its own decoded copy: a payload may keep it.
-                    payloads.append(write(args, decode_value(vb)))
+                for write in self._writers:
+                    payloads.append(write(ab, vb))
             except Exception:
                 self.c["write_errors"] += 1
                 raise  # nothing of this write was cached or buffered
@@ -531,9 +499,7 @@ class ShardCore:
             self._flush(explicit=True)
             if disconnect:
                 for conn in self.connectors:
-                    fn = getattr(conn, "disconnect", None)
-                    if fn is not None:
-                        self._call(fn)
+                    self._call(conn.disconnect)
             if self._loop is not None:
                 self._loop.close()
                 self._loop = None

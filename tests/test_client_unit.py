@@ -29,8 +29,6 @@ class PickyConnector(MemoryConnector):
             raise ValueError("this store does not take 'bad'")
         return super().write(args, value)
 
-    write_encoded = None  # every write goes through write() above
-
 
 @pytest.fixture
 def host():
