@@ -37,6 +37,14 @@ class MemoryConnector(MsgpackRowsConnector):
 
 
 
+    def delete(self, args: Any) -> Any:
+        return (encode_value(args), None)
+
     def flush(self, payloads: list[Any]) -> None:
-        self.state.update(payloads)
+        state = self.state
+        for k, v in payloads:
+            if v is None:
+                state.pop(k, None)
+            else:
+                state[k] = v
         self.flushed_batches += 1

@@ -101,6 +101,7 @@ class RedisConnector(BaseConnector):
         self.hash_name = (hash_name or prefix + "kv") if mode == "hash" else None
         self.key_format = key_format
         self.ttl_ms = None if ttl_s is None else max(1, round(ttl_s * 1000))
+        self.ttl_s = ttl_s  # the cache expires its copies of this store's keys as fast
         self.socket_timeout_s = float(socket_timeout_s)
         self.retries = retries
         self.id = id or f"redis:{self.hash_name or prefix}"

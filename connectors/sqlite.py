@@ -149,16 +149,26 @@ class SQLiteConnector(MsgpackRowsConnector):
 
 
 
+    def delete(self, args: Any) -> Any:
+        """A delete payload: the row goes at the next flush."""
+        return (encode_value(args), None)
+
     def flush(self, payloads: list[Any]) -> None:
-        """Upsert ``payloads`` in one transaction (a later payload for a key wins)."""
+        """Upsert (or, for a delete, remove) ``payloads`` in one transaction."""
         if not payloads:
             return
         db = self.db
+        # One payload per key (the shard coalesces), so upserts and deletes never collide.
+        deletes = [(k,) for k, v in payloads if v is None]
+        if deletes:
+            payloads = [p for p in payloads if p[1] is not None]
         db.execute("BEGIN IMMEDIATE")  # take the write lock now, waiting busy_timeout_ms
         try:
             db.executemany(
                 f'INSERT INTO "{self.table}" (k, v) VALUES (?, ?) '
                 "ON CONFLICT(k) DO UPDATE SET v = excluded.v", payloads)
+            if deletes:
+                db.executemany(f'DELETE FROM "{self.table}" WHERE k = ?', deletes)
         except BaseException:
             db.execute("ROLLBACK")
             raise

@@ -444,6 +444,35 @@ class ConnectorContract:
             fast = self.call(conn.write_encoded, encode_value(args), encode_value(v))
             assert fast == self.call(conn.write, args, v), f"payloads differ for {v!r}"
 
+    def test_delete_removes_a_persisted_key(self) -> None:
+        from persistroids_dist.codec import decode_value, encode_key, encode_value
+        core = self.core()
+        kb = encode_key(("del", 1))
+        core.write(kb, None, encode_value({"v": 1}))
+        core.flush()
+        core.delete(kb)
+        assert decode_value(core.read(kb)) is None  # at once, before any flush
+        assert core.read_stored(kb) is None
+        core.flush()
+        fresh = self.core()  # a new shard over the same store: the key is gone there too
+        assert fresh.read_stored(kb) is None
+        assert decode_value(fresh.read(kb)) is None
+
+    def test_deletes_and_writes_of_a_key_apply_in_order(self) -> None:
+        from persistroids_dist.codec import encode_key, encode_value
+        core = self.core()
+        a, b, c = (encode_key(("order", i)) for i in range(3))
+        core.write(a, None, encode_value("first"))
+        core.delete(a)  # a delete after a write wins
+        core.delete(b)
+        core.write(b, None, encode_value("again"))  # a write after a delete wins
+        core.delete(c)  # a key no store has
+        core.flush()
+        fresh = self.core()
+        assert fresh.read_stored(a) is None
+        assert fresh.read_stored(b) == encode_value("again")
+        assert fresh.read_stored(c) is None
+
     def test_repr_has_no_secrets(self) -> None:
         conn = self.make_connector()
         self.assert_no_secrets(repr(conn))

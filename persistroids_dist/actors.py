@@ -70,6 +70,10 @@ class ShardHost:
             Op.LEASE: self._lease,
             Op.RELEASE: self._release,
             Op.POLL: self._poll,
+            Op.DELETE: self._delete,
+            Op.GET: self._get,
+            Op.INVALIDATE: self._invalidate,
+            Op.INVALIDATE_ALL: self.core.invalidate_all,
         }
         self.server = ShardServer(handlers, secret,
                                   unix_path=os.path.join(self._dir, f"shard{index}.sock"),
@@ -197,15 +201,35 @@ class ShardHost:
                 self._wait_unleased(kbs)
             return self.core.read_many(kbs, abs_)
 
-    def _write(self, kb: bytes, ab: bytes | None, vb: bytes, ckpt: bytes | None = None) -> None:
+    def _write(self, kb: bytes, ab: bytes | None, vb: bytes, ckpt: bytes | None = None,
+               ttl_s: float | None = None) -> None:
         with self._lease_cond:
             self._refuse_if_closing()
             if self._leases:
                 self._wait_unleased((kb,))
             if ckpt:
-                self.core.write(kb, ab, vb, checkpoint=_unpickle_checkpoint(ckpt))
+                self.core.write(kb, ab, vb, checkpoint=_unpickle_checkpoint(ckpt), ttl_s=ttl_s)
             else:
-                self.core.write(kb, ab, vb)
+                self.core.write(kb, ab, vb, ttl_s=ttl_s)
+
+    def _delete(self, kb: bytes, ab: bytes | None) -> None:
+        with self._lease_cond:
+            self._refuse_if_closing()
+            if self._leases:
+                self._wait_unleased((kb,))
+            self.core.delete(kb, ab)
+
+    def _get(self, kb: bytes, ab: bytes | None) -> bytes | None:
+        with self._lease_cond:
+            if self._leases:
+                self._wait_unleased((kb,))
+            return self.core.read_stored(kb, ab)
+
+    def _invalidate(self, kb: bytes) -> bool:
+        with self._lease_cond:
+            if self._leases:
+                self._wait_unleased((kb,))
+            return self.core.invalidate(kb)
 
     def _write_many(self, items: list[list[Any]], ckpt: bytes | None = None) -> int:
         with self._lease_cond:

@@ -160,6 +160,7 @@ def init(
     name: str | None = None,
     max_entries: int = 1_000_000,
     max_bytes: int | None = None,
+    ttl_s: float | None = None,
     detached: bool = False,
     shard_options: dict[str, Any] | None = None,
     get_if_exists: bool = False,
@@ -176,6 +177,9 @@ def init(
     ``checkpoint_handler(state)``: runs after a flush made by a call that passed
     ``checkpoint=state``, in step with the data.
     ``max_entries`` / ``max_bytes``: LRU bounds of each shard's partition.
+    ``ttl_s``: how long an entry stays in the cache after it was written or read from a
+    store (None: until evicted); an expired entry is read from the stores again. A store
+    that expires keys itself (``RedisConnector(ttl_s=...)``) makes this at most its own.
     ``name``: lets other drivers ``connect(name)``; ``detached`` keeps the cache alive after
     the driver that created it exits (else it ends with that driver).
     ``get_if_exists``: with ``name``, return the running cache of that name if there is one
@@ -210,6 +214,9 @@ def init(
         raise ValueError(f"max_bytes must be a positive int or None, got {max_bytes!r}")
     if name is not None and (not isinstance(name, str) or not name or ":" in name):
         raise ValueError(f"name must be a non-empty string without ':', got {name!r}")
+    if ttl_s is not None and (isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float))
+                              or not ttl_s > 0):
+        raise ValueError(f"ttl_s must be a number of seconds > 0 or None, got {ttl_s!r}")
     if get_if_exists and name is None:
         raise ValueError("get_if_exists=True needs a name: only a named cache can be found")
 
@@ -228,7 +235,7 @@ def init(
     secret = os.urandom(32)
     options = dict(init_fn=init_fn, merge_query_fn=merge_query_fn,
                    writes_threshold=writes_threshold, millis_threshold=millis_threshold,
-                   max_entries=max_entries, max_bytes=max_bytes,
+                   max_entries=max_entries, max_bytes=max_bytes, ttl_s=ttl_s,
                    checkpoint_handler=checkpoint_handler)
     actor_opts: dict[str, Any] = {"num_cpus": 0, "namespace": NAMESPACE}
     if detached:

@@ -196,46 +196,56 @@ class Cache:
 
     # -- writes -----------------------------------------------------------------------------
     def write(self, args: Any, value: Any, *, wait: bool = False,
-              checkpoint: Any = _NO_CHECKPOINT) -> Any:
+              checkpoint: Any = _NO_CHECKPOINT, ttl_s: float | None = None) -> Any:
         """Cache ``value`` for ``args`` and buffer it for every store; return ``value``.
 
-        Raises TypeError at once, sending nothing, if the key or value cannot be encoded.
+        ``ttl_s``: this entry's time to live in the cache (default: the cache's ``ttl_s``);
+        once expired, a read asks the stores again. Raises TypeError at once, sending
+        nothing, if the key or value cannot be encoded.
         """
         kb, ab = self._encode(args)
         vb = encode_value(value)
         pool = self._pool
-        if pool.leases.wanted and pool.leases.write_local(kb, value, vb):
+        if ttl_s is not None:
+            _check_ttl(ttl_s)
+        elif pool.leases.wanted and pool.leases.write_local(kb, value, vb):
             return value
         if pool.near is not None:
             pool.near.put(kb, vb, value)
         shard = self._table[slot_of(kb)]
         if checkpoint is not _NO_CHECKPOINT:
-            self._call(shard, _packb([Op.WRITE, kb, ab, vb, cloudpickle.dumps(checkpoint)]))
+            self._call(shard, _packb([Op.WRITE, kb, ab, vb, cloudpickle.dumps(checkpoint),
+                                      ttl_s]))
             return value
         if wait:
-            self._call(shard, _packb([Op.WRITE, kb, ab, vb]))
+            self._call(shard, _packb([Op.WRITE, kb, ab, vb, None, ttl_s]))
             return value
         conn = self._pool.conn(shard)
         try:
             with conn.lock:
-                first = conn.queue_write([kb, ab, vb])
+                first = conn.queue_write([kb, ab, vb] if ttl_s is None else [kb, ab, vb, ttl_s])
         except (ConnectionError, OSError) as e:
             raise self._lost(shard, e) from e
         if first:
             LINGER.arm(conn)
         return value
 
-    def write_many(self, items: Iterable[tuple[Any, Any]]) -> int:
+    def write_many(self, items: Iterable[tuple[Any, Any]], *, ttl_s: float | None = None) -> int:
         """Write many ``(args, value)`` pairs, one round trip per shard; return the count.
 
         Every key and value is encoded first, so a bad item raises TypeError and nothing is
-        sent. Returns once every shard has applied its part.
+        sent. Returns once every shard has applied its part; if a store refused some items,
+        raises WriteError after the others were applied. ``ttl_s`` as for ``write``.
         """
         groups: dict[int, list[list[Any]]] = {}
         values: dict[int, list[Any]] = {}
+        if ttl_s is not None:
+            _check_ttl(ttl_s)
         for args, value in items:
             kb, ab = self._encode(args)
             entry = [kb, ab, encode_value(value)]
+            if ttl_s is not None:
+                entry.append(ttl_s)
             g = groups.get(s := self._table[slot_of(kb)])
             if g is None:
                 groups[s] = [entry]
@@ -267,6 +277,63 @@ class Cache:
         if first_error is not None:
             raise first_error
         return applied
+
+    def delete(self, args: Any, *, wait: bool = True) -> None:
+        """Delete ``args``' key: from the cache at once (later reads answer as for a key no
+        store has, never a store's old value) and, write-behind, from every store.
+
+        Deletes and writes of one key are applied in order (the later wins). ``wait=False``
+        pipelines it like ``write``; ``sync()`` waits for it.
+        """
+        kb, ab = self._encode(args)
+        if self._pool.near is not None:
+            self._pool.near.forget((kb,))
+        shard = self._table[slot_of(kb)]
+        frame = _packb([Op.DELETE, kb, ab])
+        if wait:
+            self._call(shard, frame)
+            return
+        conn = self._pool.conn(shard)
+        try:
+            with conn.lock:
+                conn.send(frame)
+        except (ConnectionError, OSError) as e:
+            raise self._lost(shard, e) from e
+
+    def get(self, args: Any, default: Any = None) -> Any:
+        """The value of ``args`` from the cache or the stores, else ``default`` (where
+        ``read`` would answer ``init_fn(args)``, or None when no store has the key)."""
+        kb, ab = self._encode(args)
+        vb = self._call(self._table[slot_of(kb)], _packb([Op.GET, kb, ab]), retry=True)
+        return default if vb is None else decode_value(vb)
+
+    def contains(self, args: Any) -> bool:
+        """Whether ``args`` has a value in the cache or a store (``init_fn`` not applied)."""
+        kb, ab = self._encode(args)
+        return self._call(self._table[slot_of(kb)], _packb([Op.GET, kb, ab]),
+                          retry=True) is not None
+
+    def __contains__(self, args: Any) -> bool:
+        return self.contains(args)
+
+    def invalidate(self, args: Any) -> bool:
+        """Drop ``args`` from the cache only (a pending write of it is flushed first, never
+        dropped); the next read asks the stores. Returns whether it was cached. Raises
+        FlushError, dropping nothing, if that flush fails."""
+        kb, _ = self._encode(args)
+        if self._pool.near is not None:
+            self._pool.near.forget((kb,))
+        return bool(self._call(self._table[slot_of(kb)], _packb([Op.INVALIDATE, kb])))
+
+    def invalidate_all(self) -> int:
+        """Flush every pending write, then drop every cached entry of every shard (the stores
+        keep everything); return how many entries were dropped."""
+        self.sync()
+        self._pool.leases.release_all()
+        if self._pool.near is not None:
+            self._pool.near.forget()
+        frame = _packb([Op.INVALIDATE_ALL])
+        return sum(self._scatter({s: frame for s in range(self.num_shards)}).values())
 
     def update(self, args: Any, fn: Callable[[Any], Any], *, wait: bool = True) -> Any:
         """Atomically set the value of ``args`` to ``fn(value)`` inside the owning shard and
@@ -377,6 +444,11 @@ class Cache:
 #: Why a non-detached cache is gone when Ray says its actors' owner died.
 _DRIVER_EXITED = ("the driver that created it exited, and a cache lives only as long as the "
                   "driver (or task) that created it unless made with init(..., detached=True)")
+
+
+def _check_ttl(ttl_s: Any) -> None:
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not ttl_s > 0:
+        raise ValueError(f"ttl_s must be a number of seconds > 0 or None, got {ttl_s!r}")
 
 
 def _get(ref: Any) -> Any:

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .codec import decode_value, encode_value
 
-__all__ = ["BaseConnector", "Connector", "MsgpackRowsConnector", "as_connector",
+__all__ = ["BaseConnector", "Connector", "MsgpackRowsConnector", "as_connector", "deleter",
            "encoded_reader", "reader", "writer"]
 
 
@@ -75,6 +75,7 @@ class BaseConnector:
     _own_read_many = False
     _own_read_many_encoded = False
     _own_write_encoded = False
+    _own_delete = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -91,6 +92,10 @@ class BaseConnector:
             cls._own_write_encoded = True
         elif "write" in own:
             cls._own_write_encoded = False
+        if "delete" in own:
+            cls._own_delete = True
+        elif "write" in own or "flush" in own:
+            cls._own_delete = False
 
     def get_id(self) -> str:
         """A stable id, unique among the cache's connectors (default: ``self.id``)."""
@@ -136,6 +141,14 @@ class BaseConnector:
         Default: decodes both and calls ``write`` (each connector gets its own copy)."""
         return self.write(decode_value(args_bytes), decode_value(value_bytes))
 
+    def delete(self, args: Any) -> Any:
+        """Return the payload that deletes ``args`` at the next flush (it replaces a pending
+        write of the key, and a later write replaces it), or None if nothing is buffered.
+
+        Default: ``write(args, None)``: the store keeps None, which reads as absent. Override
+        to remove the key from the store for real (and handle the payload in ``flush``)."""
+        return self.write(args, None)
+
     def flush(self, payloads: list[Any]) -> None:
         """Persist ``payloads`` (in write order, one per key) as one batch. Required.
 
@@ -159,6 +172,14 @@ def encoded_reader(conn: BaseConnector) -> Callable[[list[bytes]], Any] | None:
     return conn.read_many_encoded if conn._own_read_many_encoded else None
 
 
+def deleter(conn: BaseConnector) -> Callable[[Any], Any]:
+    """What the shard calls for each delete on ``conn``: its own ``delete``, or the default
+    (a write of None) when the class overrode ``write`` but not ``delete``."""
+    if conn._own_delete:
+        return conn.delete
+    return functools.partial(BaseConnector.delete, conn)
+
+
 def writer(conn: BaseConnector) -> Callable[[bytes, bytes], Any]:
     """What the shard calls for each write to ``conn``, with encoded args and value."""
     if conn._own_write_encoded:
@@ -173,11 +194,11 @@ class _Adapted(BaseConnector):
     def __init__(self, conn: Any) -> None:
         self.wrapped = conn
         for name in ("get_id", "connect", "disconnect", "read", "read_many",
-                     "read_many_encoded", "write", "write_encoded", "flush"):
+                     "read_many_encoded", "write", "write_encoded", "delete", "flush"):
             fn = getattr(conn, name, None)
             if callable(fn):
                 setattr(self, name, fn)  # its own method wins over the default
-                if name in ("read_many", "read_many_encoded", "write_encoded"):
+                if name in ("read_many", "read_many_encoded", "write_encoded", "delete"):
                     setattr(self, f"_own_{name}", True)
 
     def __repr__(self) -> str:

@@ -21,7 +21,15 @@ from threading import RLock
 from typing import Any
 
 from .codec import decode_value, encode_key, encode_value
-from .connector import BaseConnector, Connector, as_connector, encoded_reader, reader, writer
+from .connector import (
+    BaseConnector,
+    Connector,
+    as_connector,
+    deleter,
+    encoded_reader,
+    reader,
+    writer,
+)
 from .errors import FlushError, StoreDataError, WriteError
 
 __all__ = ["ShardCore", "default_merge"]
@@ -80,6 +88,7 @@ class ShardCore:
         max_entries: int = 1_000_000,
         max_bytes: int | None = None,
         checkpoint_handler: Callable[[Any], Any] | None = None,
+        ttl_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         ids = [c.get_id() for c in connectors]
@@ -104,6 +113,12 @@ class ShardCore:
         self._loop: asyncio.AbstractEventLoop | None = None
 
         self._entries: OrderedDict[bytes, bytes] = OrderedDict()
+        # Cached keys whose value is stored nowhere: an init_fn value, a cached None for a
+        # key no store has, or a delete. ``get`` answers its default for them.
+        self._absent: set[bytes] = set()
+        # Expiry (clock seconds) of entries with a time to live. An entry with a pending
+        # write does not expire before it is flushed: it is newer than any store.
+        self._expires: dict[bytes, float] = {}
         self._bytes = 0
         self._pending: dict[str, dict[bytes, Any]] = {cid: {} for cid in ids}
         self._dirty: set[bytes] = set()
@@ -118,7 +133,7 @@ class ShardCore:
         self.c: dict[str, int] = dict.fromkeys(
             ("lookup", "read", "write", "flush", "hits", "misses", "evictions", "updates",
              "flush_calls", "flush_errors", "read_errors", "write_errors", "checkpoints",
-             "checkpoint_errors", "over_capacity"), 0)
+             "checkpoint_errors", "over_capacity", "deletes", "expired"), 0)
         self.last_errors: dict[str, str] = {}
         for conn in self.connectors:
             self._call(conn.connect)
@@ -127,6 +142,12 @@ class ShardCore:
         self._writers = [self._writer(conn) for conn in self.connectors]
         # Reads as stored bytes, never decoded here: when one connector serves them itself
         # and the default merge applies.
+        # The default time to live: the cache's, or a store's own if shorter (a store that
+        # expires keys must not have them served from here after it dropped them).
+        ttls = [t for t in [ttl_s, *(getattr(c, "ttl_s", None) for c in self.connectors)]
+                if t is not None]
+        self.ttl_s: float | None = min(ttls) if ttls else None
+        self._deleters = [deleter(conn) for conn in self.connectors]
         self._encoded_reader = (
             encoded_reader(self.connectors[0])
             if len(self.connectors) == 1 and self.merge_query_fn is default_merge else None)
@@ -161,6 +182,26 @@ class ShardCore:
         if self._over_capacity():
             self._evict()
 
+    def _drop(self, kb: bytes) -> None:
+        """Forget the cached entry of ``kb`` (never one with a pending write)."""
+        vb = self._entries.pop(kb, None)
+        if vb is not None:
+            self._bytes -= len(kb) + len(vb)
+        self._absent.discard(kb)
+        self._expires.pop(kb, None)
+
+    def _live(self, kb: bytes) -> bytes | None:
+        """The cached value of ``kb``, or None if it is not cached or has expired."""
+        vb = self._entries.get(kb)
+        if vb is not None and self._expires:
+            at = self._expires.get(kb)
+            if at is not None and at <= self._clock() and kb not in self._dirty \
+                    and kb not in self._inflight:
+                self._drop(kb)
+                self.c["expired"] += 1
+                return None
+        return vb
+
     def _over_capacity(self) -> bool:
         return len(self._entries) > self.max_entries or (
             self.max_bytes is not None and self._bytes > self.max_bytes)
@@ -179,8 +220,7 @@ class ShardCore:
                 self._flush(explicit=False)
                 flushed = True
                 continue
-            vb = entries.pop(kb)
-            self._bytes -= len(kb) + len(vb)
+            self._drop(kb)
             self.c["evictions"] += 1
 
     # -- reads ----------------------------------------------------------------------------
@@ -190,12 +230,19 @@ class ShardCore:
             if checkpoint is not _UNSET:
                 self._checkpoint = checkpoint
             self.c["lookup"] += 1
-            vb = self._entries.get(kb)
+            vb = self._live(kb)
             if vb is not None:
                 self.c["hits"] += 1
                 self._entries.move_to_end(kb)
                 return vb
             return self._load(kb, ab)
+
+    def read_stored(self, kb: bytes, ab: bytes | None = None) -> bytes | None:
+        """Like ``read``, but None where ``read`` would answer a value stored nowhere (an
+        ``init_fn`` value, or None for a key no store has)."""
+        with self._lock:
+            vb = self.read(kb, ab)
+            return None if kb in self._absent else vb
 
     def read_many(self, kbs: Sequence[bytes], abs_: Sequence[bytes | None] | None = None
                   ) -> list[bytes]:
@@ -203,8 +250,9 @@ class ShardCore:
             entries = self._entries
             out: list[Any] = []
             missing: list[int] = []
+            live = self._live if self._expires else entries.get
             for i, kb in enumerate(kbs):
-                vb = entries.get(kb)
+                vb = live(kb)
                 if vb is None:
                     missing.append(i)
                 else:
@@ -244,12 +292,17 @@ class ShardCore:
             raise
         loaded: dict[bytes, bytes] = {}
         for kb, ab, vb in zip(keys, encoded, found):
-            if vb is None and self.init_fn is not None:
+            absent = vb is None
+            if absent and self.init_fn is not None:
                 vb = encode_value(self.init_fn(decode_value(ab)))  # cached, never persisted
             existing = self._entries.get(kb)
             if existing is None:
                 existing = _NONE if vb is None else vb
                 self._put(kb, existing)
+                if absent:
+                    self._absent.add(kb)
+                if self.ttl_s is not None:
+                    self._expires[kb] = self._clock() + self.ttl_s
             loaded[kb] = existing
         for i in missing:
             out[i] = loaded[kbs[i]]
@@ -312,7 +365,7 @@ class ShardCore:
                               "nothing was cached")
 
     # -- writes ---------------------------------------------------------------------------
-    def _write1(self, kb: bytes, ab: bytes | None, vb: bytes) -> None:
+    def _write1(self, kb: bytes, ab: bytes | None, vb: bytes, ttl_s: float | None = None) -> None:
         payloads = []
         if self.connectors:
             ab = kb if ab is None else ab
@@ -323,6 +376,14 @@ class ShardCore:
                 self.c["write_errors"] += 1
                 raise  # nothing of this write was cached or buffered
         self.c["write"] += 1
+        self._buffer(kb, payloads)
+        self._put(kb, vb)
+        self._absent.discard(kb)
+        self._set_ttl(kb, ttl_s)
+
+    def _buffer(self, kb: bytes, payloads: list[Any]) -> None:
+        """Buffer one payload per connector for ``kb``, replacing an older one (a later
+        write or delete of a key wins over an earlier one)."""
         dirty = False
         for cid, payload in zip(self._ids, payloads):
             if payload is not None:
@@ -332,17 +393,25 @@ class ShardCore:
             if self._oldest_pending is None:
                 self._oldest_pending = self._clock()
             self._dirty.add(kb)
-        self._put(kb, vb)
 
-    def write(self, kb: bytes, ab: bytes | None, vb: bytes, checkpoint: Any = _UNSET) -> None:
+    def _set_ttl(self, kb: bytes, ttl_s: float | None) -> None:
+        ttl_s = self.ttl_s if ttl_s is None else ttl_s
+        if ttl_s is not None:
+            self._expires[kb] = self._clock() + ttl_s
+        elif self._expires:
+            self._expires.pop(kb, None)
+
+    def write(self, kb: bytes, ab: bytes | None, vb: bytes, checkpoint: Any = _UNSET,
+              ttl_s: float | None = None) -> None:
         with self._lock:
-            self._write1(kb, ab, vb)
+            self._write1(kb, ab, vb, ttl_s)
             if checkpoint is not _UNSET:
                 self._checkpoint = checkpoint
             self._check_thresholds()
 
     def write_many(self, items: Iterable[Sequence[Any]], checkpoint: Any = _UNSET) -> int:
-        """Apply ``(kb, ab, vb)`` writes in order and return how many were applied.
+        """Apply ``(kb, ab, vb)`` writes (``(kb, ab, vb, ttl_s)`` for a time to live of its
+        own) in order and return how many were applied.
 
         Every item is applied on its own: one that a connector refuses does not stop the
         others. The first refusal is raised after the batch, as a WriteError that counts them.
@@ -350,9 +419,9 @@ class ShardCore:
         n = 0
         errors: list[tuple[int, BaseException]] = []
         with self._lock:
-            for i, (kb, ab, vb) in enumerate(items):
+            for i, item in enumerate(items):
                 try:
-                    self._write1(kb, ab, vb)
+                    self._write1(*item)
                     n += 1
                 except Exception as e:
                     errors.append((i, e))
@@ -372,6 +441,45 @@ class ShardCore:
             self._write1(kb, ab, vb)
             self._check_thresholds()
             return vb
+
+    def delete(self, kb: bytes, ab: bytes | None = None) -> None:
+        """Delete ``kb``: at once from the cache (a read then answers as for a key no store
+        has, never a store's old value), and at the next flush from every store."""
+        with self._lock:
+            args = decode_value(kb if ab is None else ab)
+            try:
+                payloads = [self._call(delete, args) for delete in self._deleters]
+            except Exception:
+                self.c["write_errors"] += 1
+                raise  # nothing of this delete was cached or buffered
+            self.c["deletes"] += 1
+            self._buffer(kb, payloads)
+            vb = _NONE if self.init_fn is None else encode_value(self.init_fn(args))
+            self._put(kb, vb)
+            self._absent.add(kb)
+            self._expires.pop(kb, None)
+            self._check_thresholds()
+
+    def invalidate(self, kb: bytes) -> bool:
+        """Drop ``kb`` from the cache only (flushing its pending write first, so nothing is
+        lost); the next read asks the stores. Returns whether it was cached."""
+        with self._lock:
+            if kb in self._dirty or kb in self._inflight:
+                self._flush(explicit=True)  # raises FlushError, dropping nothing
+            cached = kb in self._entries
+            self._drop(kb)
+            return cached
+
+    def invalidate_all(self) -> int:
+        """Flush every pending write, then drop every entry; return how many were dropped."""
+        with self._lock:
+            self._flush(explicit=True)
+            n = len(self._entries)
+            self._entries.clear()
+            self._absent.clear()
+            self._expires.clear()
+            self._bytes = 0
+            return n
 
     def register_function(self, digest: bytes, fn: Callable[[Any], Any]) -> None:
         self._functions[digest] = fn

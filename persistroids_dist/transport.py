@@ -57,6 +57,10 @@ class Op:
     LEASE = 9
     RELEASE = 10
     POLL = 11
+    DELETE = 12
+    GET = 13
+    INVALIDATE = 14
+    INVALIDATE_ALL = 15
 
 
 def _mac(secret: bytes, *parts: bytes) -> bytes:

@@ -1,0 +1,138 @@
+"""The everyday cache API through Ray: delete, get/contains, invalidate, expiry, NumPy keys."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+import uuid
+
+import numpy as np
+import pytest
+import ray
+
+import persistroids_dist as pd
+from connectors.redis import RedisConnector
+from connectors.sqlite import SQLiteConnector
+from connectors.testing import require_service
+from persistroids_dist.codec import encode_value
+
+
+def rows(db) -> dict:
+    con = sqlite3.connect(db)
+    try:
+        return {bytes(k): bytes(v) for k, v in con.execute("SELECT k, v FROM kv")}
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        con.close()
+
+
+def test_delete_is_immediate_in_the_cache_and_write_behind_in_the_store(make_cache, tmp_path):
+    db = tmp_path / "d.db"
+    cache = make_cache([SQLiteConnector(db)], init_fn=lambda a: "init", millis_threshold=60_000)
+    cache.write("k", "stored", wait=True)
+    cache.flush_now()
+    assert encode_value("k") in rows(db)
+    cache.delete("k")
+    # At once: never the store's old value, although the store still has it.
+    assert encode_value("k") in rows(db)
+    assert cache.read("k") == "init"
+    assert cache.get("k", "absent") == "absent" and "k" not in cache
+    cache.flush_now()
+    assert encode_value("k") not in rows(db)
+    cache.write("k", "back", wait=True)  # a write after a delete wins
+    cache.delete("j", wait=False)  # pipelined, like write
+    cache.sync()
+    assert cache.get("k") == "back" and "k" in cache
+    cache.flush_now()
+    assert rows(db)[encode_value("k")] == encode_value("back")
+    assert cache.metrics()["total"]["deletes"] == 2
+
+
+@ray.remote
+def delete_from_task(cache, key):
+    cache.delete(key)
+    return cache.get(key, "gone")
+
+
+def test_a_delete_from_another_process_is_seen_everywhere(make_cache):
+    cache = make_cache(init_fn=lambda a: 0)
+    cache.write("shared", 5, wait=True)
+    assert ray.get(delete_from_task.remote(cache, "shared")) == "gone"
+    assert cache.read("shared") == 0 and not cache.contains("shared")
+
+
+def test_get_and_contains_tell_absent_from_an_init_value(make_cache):
+    cache = make_cache(init_fn=lambda a: 0)
+    assert cache.read("missing") == 0  # falls back to init_fn (cached, not stored)
+    assert cache.get("missing", "default") == "default"
+    assert cache.get("missing") is None
+    assert "missing" not in cache
+    cache.write("zero", 0, wait=True)
+    assert cache.get("zero", "default") == 0 and "zero" in cache
+    cache.update("counter", lambda v: v + 1)
+    assert cache.contains("counter") and cache.get("counter") == 1
+
+
+def test_invalidate_flushes_first_and_drops_from_the_cache_only(make_cache, tmp_path):
+    db = tmp_path / "i.db"
+    cache = make_cache([SQLiteConnector(db)], millis_threshold=60_000, num_shards=2)
+    cache.write("a", 1, wait=True)  # pending: not in the store yet
+    assert encode_value("a") not in rows(db)
+    reads = cache.metrics()["total"]["read"]
+    assert cache.invalidate("a") is True
+    assert rows(db)[encode_value("a")] == encode_value(1)  # flushed, never dropped
+    assert cache.read("a") == 1
+    assert cache.metrics()["total"]["read"] == reads + 1  # read back from the store
+    assert cache.invalidate("never-cached") is False
+    cache.write_many([(f"m{i}", i) for i in range(20)])
+    dropped = cache.invalidate_all()
+    assert dropped >= 21
+    assert cache.metrics()["total"]["entries"] == 0
+    assert cache.read_many([f"m{i}" for i in range(20)]) == list(range(20))
+
+
+def test_an_expired_entry_is_read_again_from_the_store(make_cache, tmp_path):
+    db = tmp_path / "t.db"
+    cache = make_cache([SQLiteConnector(db)], num_shards=1, ttl_s=3600)
+    cache.write("short", "v1", wait=True, ttl_s=0.2)
+    cache.write("long", "v1", wait=True)
+    cache.flush_now()
+    con = sqlite3.connect(db)  # the store changes behind the cache's back
+    con.execute("UPDATE kv SET v = ?", (encode_value("v2"),))
+    con.commit()
+    con.close()
+    assert cache.read("short") == "v1"  # still cached
+    time.sleep(0.3)
+    assert cache.read("short") == "v2"  # expired: read from the store again
+    assert cache.read("long") == "v1"  # the cache's ttl_s (an hour) has not passed
+    assert cache.metrics()["total"]["expired"] == 1
+    with pytest.raises(ValueError, match="ttl_s"):
+        cache.write("x", 1, ttl_s=0)
+    with pytest.raises(ValueError, match="ttl_s"):
+        pd.init(ttl_s=-1)
+
+
+def test_the_cache_expires_what_a_redis_store_expires(make_cache):
+    require_service("Redis", "127.0.0.1", 6379)
+    url = os.environ.get("PERSISTROIDS_REDIS_URL", "redis://127.0.0.1:6379/0")
+    prefix = f"ttl-{uuid.uuid4().hex[:8]}:"
+    cache = make_cache([RedisConnector(url, prefix=prefix, ttl_s=0.5)], num_shards=1,
+                       init_fn=lambda a: "expired")
+    cache.write("k", "v", wait=True)
+    cache.flush_now()
+    assert cache.read("k") == "v"
+    time.sleep(0.8)  # Redis dropped the key; the cache must not serve it forever
+    assert cache.read("k") == "expired"
+    assert cache.metrics()["shards"][0]["expired"] >= 1
+
+
+def test_numpy_scalars_are_the_python_values_they_hold(make_cache):
+    cache = make_cache()
+    cache.write(np.int64(7), np.float32(0.5), wait=True)
+    cache.write(("user", np.int32(42)), np.bool_(True), wait=True)
+    assert cache.read(7) == 0.5
+    assert cache.read(("user", 42)) is True
+    cache.write_many([(np.uint8(i), np.int64(i * 10)) for i in range(5)])
+    assert cache.read_many(list(range(5))) == [0, 10, 20, 30, 40]
