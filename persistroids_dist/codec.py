@@ -299,6 +299,12 @@ def encode_key(key: Any) -> bytes:
         return out
     if t is tuple:
         try:
+            # _tuple_bytes inlined, pairs such as ("user", 42) checked without map (hot path)
+            if (type(key[0]) in _FLAT_TYPES and type(key[1]) in _FLAT_TYPES if len(key) == 2
+                    else _all_flat(map(type, key))):
+                data = _flat_pack(key)
+                m = len(data)
+                return _EXT_HEADER[m] + data if m < 0x100 else _long_ext(data)
             return _tuple_bytes(key)
         except _FAST_ERRORS:
             pass
@@ -332,6 +338,11 @@ def encode_value(value: Any) -> bytes:
         return out
     if t is tuple:
         try:
+            if (type(value[0]) in _FLAT_TYPES and type(value[1]) in _FLAT_TYPES
+                    if len(value) == 2 else _all_flat(map(type, value))):  # as in encode_key
+                data = _flat_pack(value)
+                m = len(data)
+                return _EXT_HEADER[m] + data if m < 0x100 else _long_ext(data)
             return _tuple_bytes(value)
         except _FAST_ERRORS:
             pass

@@ -88,8 +88,9 @@ _STRS = st.one_of(st.text(), st.sampled_from(_SIZES).flatmap(
     lambda n: st.sampled_from(["x" * n, "é" * (n // 2), "\ud800" * min(n, 1)])))
 _BYTES = st.one_of(st.binary(), st.sampled_from(_SIZES).map(lambda n: b"\xff" * n))
 _SCALARS = st.one_of(_STRS, _BYTES, _INTS, st.floats(), st.booleans(), st.none())
-_KEYS = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=18).map(tuple),
-                     max_leaves=40)
+_KEYS = st.one_of(
+    st.tuples(_SCALARS, _SCALARS),  # pairs have a path of their own
+    st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=18).map(tuple), max_leaves=40))
 _VALUES = st.recursive(
     _SCALARS,
     lambda inner: st.one_of(st.lists(inner, max_size=18), st.lists(inner, max_size=18).map(tuple),
