@@ -13,9 +13,9 @@ import pytest
 
 from connectors.memory import MemoryConnector
 from persistroids_dist import WriteError
-from persistroids_dist.actors import ShardHost
 from persistroids_dist.client import Cache
 from persistroids_dist.codec import encode_key
+from persistroids_dist.host import ShardHost
 
 SECRET = b"u" * 32
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -10,9 +10,9 @@ import pytest
 
 from connectors.memory import MemoryConnector
 from persistroids_dist import LeaseLostError
-from persistroids_dist.actors import ShardHost
 from persistroids_dist.client import Cache
 from persistroids_dist.codec import decode_value, encode_key, encode_value
+from persistroids_dist.host import ShardHost
 from persistroids_dist.pool import Pool
 from persistroids_dist.transport import Connection, Op
 

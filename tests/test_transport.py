@@ -13,8 +13,8 @@ import pytest
 
 from connectors.memory import MemoryConnector
 from persistroids_dist import AuthenticationError
-from persistroids_dist.actors import ShardHost
 from persistroids_dist.codec import decode_value, encode_key, encode_value
+from persistroids_dist.host import ShardHost
 from persistroids_dist.transport import Connection, Op, ShardServer, _mac, _recv_obj
 
 SECRET = b"s" * 32

@@ -1,0 +1,296 @@
+"""A shard's host: its ShardCore served on sockets, its flush timer and its lease table.
+
+No Ray in here: the same host runs inside a Ray actor (``actors.ShardActor``) or in a test
+process. ``ray.cloudpickle`` is only the serializer that ships ``update`` functions and
+checkpoint states.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ray import cloudpickle
+
+from .errors import CacheClosedError, LeaseLostError
+from .shard import ShardCore
+from .transport import Op, ShardServer
+
+__all__ = ["Grant", "ShardHost"]
+
+log = logging.getLogger("persistroids_dist.host")
+
+
+def _unpickle_checkpoint(blob: bytes | None) -> Any:
+    return cloudpickle.loads(blob) if blob else None
+
+
+@dataclass(slots=True)
+class Grant:
+    """One exclusive lease on one key. ``gen`` names this grant: a RELEASE or renewal that
+    names another generation (a late message about an earlier grant) never touches it."""
+
+    owner: bytes
+    gen: int
+    expires: float  # time.monotonic() seconds
+    recalled: bool = False
+
+
+class ShardHost:
+    """Hosts a ShardCore: serves it on sockets and runs its flush timer. Ray-free, so the
+    same host can run in a test process; ``ShardActor`` is this class as a Ray actor."""
+
+    def __init__(self, index: int, connectors: list[Any], options: dict[str, Any],
+                 secret: bytes, tcp_host: str | None = None) -> None:
+        self.index = index
+        self.core = ShardCore(connectors, index=index, **options)
+        self._dir = tempfile.mkdtemp(prefix="persistroids-")
+        os.chmod(self._dir, 0o700)
+        # Exclusive leases: key -> its current Grant. Guarded by the core's lock, so a lease
+        # check and the operation it guards are atomic.
+        self._leases: dict[bytes, Grant] = {}
+        self._gen = 0
+        # Set (under the core's lock) while the shard closes: writes are refused from then
+        # on, so none can land after the final flush; cleared again if that flush fails.
+        self._closing = False
+        self._lease_cond = threading.Condition(self.core._lock)
+        self.lease_stats = {"leases_granted": 0, "recalls": 0, "leases_expired": 0}
+        handlers = {
+            Op.READ: self._read,
+            Op.READ_MANY: self._read_many,
+            Op.WRITE: self._write,
+            Op.WRITE_MANY: self._write_many,
+            Op.UPDATE: self._update,
+            Op.FLUSH: self.core.flush_count,
+            Op.METRICS: self.metrics,
+            Op.PING: lambda: self.index,
+            Op.LEASE: self._lease,
+            Op.RELEASE: self._release,
+            Op.POLL: self._poll,
+            Op.DELETE: self._delete,
+            Op.GET: self._get,
+            Op.INVALIDATE: self._invalidate,
+            Op.INVALIDATE_ALL: self.core.invalidate_all,
+        }
+        self.server = ShardServer(handlers, secret,
+                                  unix_path=os.path.join(self._dir, f"shard{index}.sock"),
+                                  tcp_host=tcp_host)
+        self._address = self.server.start()
+        self._stop = threading.Event()
+        # Ticks often enough that no write waits much longer than millis_threshold.
+        period = max(0.002, min(0.1, self.core.millis_threshold / 1000 / 10))
+        self._ticker = threading.Thread(target=self._tick_loop, args=(period,), daemon=True,
+                                        name="persistroids-ticker")
+        self._ticker.start()
+
+    def _tick_loop(self, period: float) -> None:
+        while not self._stop.wait(period):
+            try:
+                self.core.tick()
+            except Exception:  # counted in the core's metrics; keep ticking
+                log.exception("shard %d: timed flush failed", self.index)
+
+    # -- leases ------------------------------------------------------------------------------
+    def _wait_unleased(self, kbs: Any) -> None:
+        """Hold the caller until no other client owns any of ``kbs``. Call with the core lock
+        held: the wait releases it, and the caller's operation runs under the same hold."""
+        leases = self._leases
+        while True:
+            now = time.monotonic()
+            blocked = None
+            for kb in kbs:
+                rec = leases.get(kb)
+                if rec is None:
+                    continue
+                if rec.expires <= now:  # the owner stopped renewing: its lease is void
+                    del leases[kb]
+                    self.lease_stats["leases_expired"] += 1
+                    log.warning("shard %d: a lease expired (owner %s, generation %d)",
+                                self.index, rec.owner.hex()[:8], rec.gen)
+                    continue
+                if not rec.recalled:
+                    rec.recalled = True
+                    self.lease_stats["recalls"] += 1
+                blocked = rec
+            if blocked is None:
+                return
+            self._lease_cond.notify_all()  # wakes the owner's long poll
+            self._lease_cond.wait(max(0.0005, blocked.expires - now))
+
+    def _refuse_if_closing(self) -> None:
+        if self._closing:
+            raise CacheClosedError(f"shard {self.index} is shutting down: write refused")
+
+    def _lease(self, kbs: list[bytes], owner: bytes, ttl_ms: float) -> list[Any]:
+        """Grant ``owner`` exclusive use of ``kbs`` (recalling other owners first); return
+        ``[generation, values]``: the grant's identity and the keys' current values."""
+        with self._lease_cond:
+            self._refuse_if_closing()
+            self._wait_unleased([kb for kb in kbs
+                                 if kb in self._leases and self._leases[kb].owner != owner])
+            expires = time.monotonic() + ttl_ms / 1000
+            out = [self.core.read(kb) for kb in kbs]
+            self._gen += 1
+            for kb in kbs:
+                self._leases[kb] = Grant(owner, self._gen, expires)
+            self.lease_stats["leases_granted"] += len(kbs)
+            return [self._gen, out]
+
+    def _holds(self, kb: bytes, owner: bytes, gen: int) -> bool:
+        rec = self._leases.get(kb)
+        return rec is not None and rec.owner == owner and rec.gen == gen
+
+    def _release(self, owner: bytes, items: list[list[Any]], grants: list[list[Any]]) -> int:
+        """Apply the owner's writes ``[kb, ab, vb, gen]``, then end the named ``[kb, gen]``
+        grants. Refused, applying nothing, if a written key's grant is no longer current
+        (it expired, or was replaced): those writes were made under a lost lease."""
+        with self._lease_cond:
+            if items:
+                self._refuse_if_closing()
+            lost = [kb for kb, _, _, gen in items if not self._holds(kb, owner, gen)]
+            try:
+                if not lost and items:
+                    self.core.write_many([item[:3] for item in items])
+            finally:  # a refused write still ends the grants (its error reaches the owner)
+                for kb, gen in grants:
+                    if self._holds(kb, owner, gen):
+                        del self._leases[kb]
+                self._lease_cond.notify_all()
+            if lost:
+                raise LeaseLostError(
+                    f"shard {self.index}: the lease on {len(lost)} key(s) was lost (it expired "
+                    f"or was taken over) before their writes came back; those writes were not "
+                    f"applied: {lost[:3]!r}")
+            return len(items)
+
+    def _poll(self, owner: bytes, ttl_ms: float, wait_ms: float,
+              grants: list[list[Any]]) -> list[list[Any]]:
+        """Renew the named ``[kb, gen]`` grants of ``owner`` and return its recalled grants
+        as ``[kb, gen]``, waiting up to ``wait_ms`` for a recall (a long poll: the owner hears
+        of a recall as soon as it happens). A grant the owner does not name is not renewed:
+        if its owner never learnt of it (a lost answer), it expires."""
+        deadline = time.monotonic() + wait_ms / 1000
+        with self._lease_cond:
+            while True:
+                now = time.monotonic()
+                for kb, gen in grants:
+                    rec = self._leases.get(kb)
+                    if rec is not None and rec.owner == owner and rec.gen == gen:
+                        rec.expires = max(rec.expires, now + ttl_ms / 1000)
+                recalled = [[kb, rec.gen] for kb, rec in self._leases.items()
+                            if rec.owner == owner and rec.recalled]
+                if recalled or now >= deadline:
+                    return recalled
+                self._lease_cond.wait(deadline - now)
+
+    # -- socket handlers --------------------------------------------------------------------
+    def _read(self, kb: bytes, ab: bytes | None, ckpt: bytes | None = None) -> bytes:
+        with self._lease_cond:
+            if self._leases:
+                self._wait_unleased((kb,))
+            if ckpt:
+                return self.core.read(kb, ab, checkpoint=_unpickle_checkpoint(ckpt))
+            return self.core.read(kb, ab)
+
+    def _read_many(self, kbs: list[bytes], abs_: list[bytes | None] | None) -> list[bytes]:
+        with self._lease_cond:
+            if self._leases:
+                self._wait_unleased(kbs)
+            return self.core.read_many(kbs, abs_)
+
+    def _write(self, kb: bytes, ab: bytes | None, vb: bytes, ckpt: bytes | None = None,
+               ttl_s: float | None = None) -> None:
+        with self._lease_cond:
+            self._refuse_if_closing()
+            if self._leases:
+                self._wait_unleased((kb,))
+            if ckpt:
+                self.core.write(kb, ab, vb, checkpoint=_unpickle_checkpoint(ckpt), ttl_s=ttl_s)
+            else:
+                self.core.write(kb, ab, vb, ttl_s=ttl_s)
+
+    def _delete(self, kb: bytes, ab: bytes | None) -> None:
+        with self._lease_cond:
+            self._refuse_if_closing()
+            if self._leases:
+                self._wait_unleased((kb,))
+            self.core.delete(kb, ab)
+
+    def _get(self, kb: bytes, ab: bytes | None) -> bytes | None:
+        with self._lease_cond:
+            if self._leases:
+                self._wait_unleased((kb,))
+            return self.core.read_stored(kb, ab)
+
+    def _invalidate(self, kb: bytes) -> bool:
+        with self._lease_cond:
+            if self._leases:
+                self._wait_unleased((kb,))
+            return self.core.invalidate(kb)
+
+    def _write_many(self, items: list[list[Any]], ckpt: bytes | None = None) -> int:
+        with self._lease_cond:
+            self._refuse_if_closing()
+            if self._leases:
+                self._wait_unleased([item[0] for item in items])
+            if ckpt:
+                return self.core.write_many(items, checkpoint=_unpickle_checkpoint(ckpt))
+            return self.core.write_many(items)
+
+    def _update(self, kb: bytes, ab: bytes | None, digest: bytes, fn_blob: bytes | None) -> bytes:
+        fn = self.core.function(digest)
+        if fn is None:
+            if fn_blob is None:
+                raise LookupError(f"unknown update function {digest.hex()}")
+            fn = cloudpickle.loads(fn_blob)
+            self.core.register_function(digest, fn)
+        with self._lease_cond:
+            self._refuse_if_closing()
+            if self._leases:
+                self._wait_unleased((kb,))
+            return self.core.update(kb, ab, fn)
+
+    # -- control plane ----------------------------------------------------------------------
+    def address(self) -> dict[str, Any]:
+        return self._address
+
+    def flush(self) -> int:
+        """Flush this shard; return the number of distinct keys flushed."""
+        return self.core.flush_count()
+
+    def metrics(self) -> dict[str, Any]:
+        m = self.core.metrics()
+        m["shard"] = self.index
+        m["pid"] = os.getpid()
+        m.update(self.lease_stats)
+        m["leased_keys"] = len(self._leases)
+        m["auth_failures"] = self.server.auth_failures
+        m["handshake_refused"] = self.server.handshake_refused
+        m["connections"] = self.server.connections
+        return m
+
+    def close(self, disconnect: bool = False) -> dict[str, Any]:
+        """Refuse writes, flush and stop serving; if a store fails, raise FlushError and
+        keep serving (writes accepted again), so nothing buffered is lost."""
+        with self._lease_cond:
+            self._closing = True
+        try:
+            metrics = self.core.close(disconnect=disconnect)
+        except BaseException:
+            with self._lease_cond:
+                self._closing = False
+            raise
+        self._stop.set()
+        self.server.close()
+        try:
+            os.rmdir(self._dir)
+        except OSError:
+            pass
+        m = self.metrics()
+        m.update(metrics)
+        return m
