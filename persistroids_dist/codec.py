@@ -103,22 +103,20 @@ for _n, _code in ((1, 0xD4), (2, 0xD5), (4, 0xD6), (8, 0xD7), (16, 0xD8)):  # fi
 _FAST_ERRORS = (_Fallback, ValueError, OverflowError, RecursionError)
 
 # A scalar of these exact types (no subclass), and a tuple, list or dict of them, is packed by
-# msgpack itself with one shared Packer: ``msgpack.packb`` would build a Packer (and its buffer)
-# per call, which costs four times the packing of a short key. Sharing is safe because packing
-# exact built-in scalars runs in C from start to end, calling no Python code and not releasing
-# the GIL, so no two threads can interleave in its buffer (msgpack also guards ``pack`` with a
-# critical section on free-threaded builds); on an error ``pack`` empties the buffer. The
-# Packer is not strict: a tuple is packed as an array, which is the tuple ext type's payload.
-# It is replaced after an unusually large output, so as not to keep a grown buffer.
+# msgpack in C with no hook, by a plain (not strict) Packer: a tuple is packed as an array, which
+# is the tuple ext type's payload. The Packer is made per call with a small buffer; that is half
+# the cost of ``msgpack.packb`` (a Python wrapper making a Packer with a 256 KiB buffer). A
+# shared Packer would be faster still but not safe: a GC pass run by an allocation inside
+# ``pack`` (an error's exception object) could let another thread write into its buffer.
+# (``use_bin_type`` is msgpack's default since 1.0, as the original ``msgpack.packb`` relied on.)
 _FLAT_TYPES = frozenset((str, int, float, bytes, bool, type(None)))
 _all_flat = _FLAT_TYPES.issuperset
-_PACKER_BUF_SIZE = 256 * 1024
-_flat_pack = msgpack.Packer(use_bin_type=True, buf_size=_PACKER_BUF_SIZE).pack
+_Packer = msgpack.Packer
+_BUF = 256  # bytes: a key fits; larger outputs grow the buffer
 
 
-def _renew_flat_packer() -> None:
-    global _flat_pack
-    _flat_pack = msgpack.Packer(use_bin_type=True, buf_size=_PACKER_BUF_SIZE).pack
+def _pack_flat(obj: Any) -> bytes:
+    return _Packer(buf_size=_BUF).pack(obj)
 
 
 def _tuple_payload(t: tuple[Any, ...]) -> bytes:
@@ -195,7 +193,7 @@ def _tuple_payload(t: tuple[Any, ...]) -> bytes:
 def _tuple_bytes(t: tuple[Any, ...]) -> bytes:
     """``t`` as the tuple ext type, byte for byte what ``_reference_packb(t)`` returns; raise one
     of ``_FAST_ERRORS`` for a shape left to the general path."""
-    data = _flat_pack(t) if _all_flat(map(type, t)) else _tuple_payload(t)
+    data = _Packer(buf_size=_BUF).pack(t) if _all_flat(map(type, t)) else _tuple_payload(t)
     m = len(data)
     if m < 0x100:
         return _EXT_HEADER[m] + data
@@ -204,8 +202,6 @@ def _tuple_bytes(t: tuple[Any, ...]) -> bytes:
 
 def _long_ext(data: bytes) -> bytes:
     m = len(data)
-    if m > _PACKER_BUF_SIZE:
-        _renew_flat_packer()
     if m < 0x10000:
         return _u16(0xC8, m) + b"\x01" + data
     if m <= 0xFFFFFFFF:
@@ -279,30 +275,20 @@ def _check_key(key: Any) -> None:
         )
 
 
-def _pack_flat(obj: Any) -> bytes:
-    out = _flat_pack(obj)
-    if len(out) > _PACKER_BUF_SIZE:
-        _renew_flat_packer()
-    return out
-
-
 def encode_key(key: Any) -> bytes:
     """Return the canonical bytes of a cache key; raise TypeError for an unsupported key."""
     t = type(key)
     if t in _FLAT_TYPES:  # the common cases, without the recursive type check (same bytes)
         try:
-            out = _flat_pack(key)
+            return _Packer(buf_size=_BUF).pack(key)
         except OverflowError:
             raise TypeError(f"invalid cache key {key!r}: it does not fit in 64 bits") from None
-        if len(out) > _PACKER_BUF_SIZE:
-            _renew_flat_packer()
-        return out
     if t is tuple:
         try:
             # _tuple_bytes inlined, pairs such as ("user", 42) checked without map (hot path)
             if (type(key[0]) in _FLAT_TYPES and type(key[1]) in _FLAT_TYPES if len(key) == 2
                     else _all_flat(map(type, key))):
-                data = _flat_pack(key)
+                data = _Packer(buf_size=_BUF).pack(key)
                 m = len(data)
                 return _EXT_HEADER[m] + data if m < 0x100 else _long_ext(data)
             return _tuple_bytes(key)
@@ -330,17 +316,14 @@ def encode_value(value: Any) -> bytes:
     t = type(value)
     if t in _FLAT_TYPES:  # the common cases, without the hooks (same bytes)
         try:
-            out = _flat_pack(value)
+            return _Packer(buf_size=_BUF).pack(value)
         except OverflowError:
             raise TypeError(f"cannot encode integer {value}: it does not fit in 64 bits") from None
-        if len(out) > _PACKER_BUF_SIZE:
-            _renew_flat_packer()
-        return out
     if t is tuple:
         try:
             if (type(value[0]) in _FLAT_TYPES and type(value[1]) in _FLAT_TYPES
                     if len(value) == 2 else _all_flat(map(type, value))):  # as in encode_key
-                data = _flat_pack(value)
+                data = _Packer(buf_size=_BUF).pack(value)
                 m = len(data)
                 return _EXT_HEADER[m] + data if m < 0x100 else _long_ext(data)
             return _tuple_bytes(value)
