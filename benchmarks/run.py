@@ -55,6 +55,7 @@ import ray
 import redis
 
 import persistroids_dist as pd
+from benchmarks.keys import k1_tuple_keys
 from connectors.postgres import DEFAULT_DSN as PG_DEFAULT_DSN
 from connectors.postgres import ENV_DSN as PG_ENV_DSN
 from connectors.postgres import PostgresConnector
@@ -64,7 +65,7 @@ from connectors.sqlite import SQLiteConnector
 from persistroids_dist.codec import decode_value, encode_key, encode_value
 from persistroids_dist.shard import ShardCore
 
-CASES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "C1")
+CASES = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "C1", "K1")
 pc = time.perf_counter
 pc_ns = time.perf_counter_ns
 
@@ -1002,6 +1003,7 @@ def c1_connectors(ctx: Ctx) -> None:
 RUNNERS: dict[str, Callable[[Ctx], None]] = {
     "B1": b1_seed_loop, "B2": b2_remote_read, "B3": b3_batches, "B4": b4_near_hit,
     "B5": b5_counters, "B6": b6_flush, "B7": b7_memory, "C1": c1_connectors,
+    "K1": lambda ctx: k1_tuple_keys(ctx, Row),
 }
 
 
