@@ -289,9 +289,10 @@ def encode_key(key: Any) -> bytes:
             if (type(key[0]) in _FLAT_TYPES and type(key[1]) in _FLAT_TYPES if len(key) == 2
                     else _all_flat(map(type, key))):
                 data = _Packer(buf_size=_BUF).pack(key)
-                m = len(data)
-                return _EXT_HEADER[m] + data if m < 0x100 else _long_ext(data)
-            return _tuple_bytes(key)
+            else:
+                data = _tuple_payload(key)
+            m = len(data)
+            return _EXT_HEADER[m] + data if m < 0x100 else _long_ext(data)
         except _FAST_ERRORS:
             pass
     else:
@@ -324,9 +325,10 @@ def encode_value(value: Any) -> bytes:
             if (type(value[0]) in _FLAT_TYPES and type(value[1]) in _FLAT_TYPES
                     if len(value) == 2 else _all_flat(map(type, value))):  # as in encode_key
                 data = _Packer(buf_size=_BUF).pack(value)
-                m = len(data)
-                return _EXT_HEADER[m] + data if m < 0x100 else _long_ext(data)
-            return _tuple_bytes(value)
+            else:
+                data = _tuple_payload(value)
+            m = len(data)
+            return _EXT_HEADER[m] + data if m < 0x100 else _long_ext(data)
         except _FAST_ERRORS:
             pass
     elif t is dict:
