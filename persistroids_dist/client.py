@@ -10,31 +10,31 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import msgpack
-import ray
-from ray import cloudpickle
+from ray import cloudpickle  # the serializer only: no Ray calls on the data path
 
+from . import control
 from .codec import decode_value, encode_key, encode_value, slot_of
 from .errors import CacheClosedError, ShardUnavailableError, WriteError
 from .lease import Lease
 from .near import NO_VALUE, NearCache
 from .pool import LINGER, pool_for, slot_table
+from .spec import CacheSpec
 from .transport import Op
 
 __all__ = ["Cache", "NAMESPACE"]
 
-#: Ray namespace of every cache's actors, so other drivers can find them by name.
-NAMESPACE = "persistroids"
+NAMESPACE = control.NAMESPACE  # the Ray namespace of every cache's actors
 
 _packb = msgpack.packb
 _NO_CHECKPOINT = object()
 _monotonic = time.monotonic
 
 
-def _rebuild(spec: dict[str, Any], near: tuple[float, int] | None = None) -> Cache:
+def _rebuild(spec: CacheSpec, near: tuple[float, int] | None = None) -> Cache:
     return Cache(spec, near)
 
 
@@ -48,11 +48,12 @@ class Cache:
     waits for that one write). ``update`` and every read wait for the shard's answer.
     """
 
-    def __init__(self, spec: dict[str, Any], near: tuple[float, int] | None = None) -> None:
-        self._spec = spec
-        self.name: str = spec["name"]
-        self.num_shards: int = spec["num_shards"]
-        self._cache_key: Callable[[Any], Any] | None = spec.get("cache_key")
+    def __init__(self, spec: CacheSpec | Mapping[str, Any],
+                 near: tuple[float, int] | None = None) -> None:
+        self._spec = spec = CacheSpec.of(spec)
+        self.name: str = spec.name
+        self.num_shards: int = spec.num_shards
+        self._cache_key: Callable[[Any], Any] | None = spec.cache_key
         self._table = slot_table(self.num_shards)
         self._pool = pool_for(spec)
         self._fns: dict[int, tuple[Any, bytes, bytes]] = {}
@@ -415,7 +416,7 @@ class Cache:
         self.sync()
         blob = None if checkpoint is _NO_CHECKPOINT else cloudpickle.dumps(checkpoint)
         self._pool.leases.release_all()
-        return _get(self._spec["coordinator"].flush_all.remote(blob))
+        return control.flush_all(self._spec, blob)
 
     def metrics(self) -> dict[str, Any]:
         """``{"total": {...}, "shards": [...]}``: lookup (read calls), read (store read
@@ -434,58 +435,14 @@ class Cache:
         self._pool.leases.wanted.clear()
         self._pool.leases.release_all()
         self.sync()
-        coordinator = self._spec["coordinator"]
-        shards = _get(coordinator.shutdown.remote(disconnect))
+        shards = control.shutdown_cache(self._spec, disconnect)
         self._pool.close()
-        ray.kill(coordinator)
         return aggregate(shards)
-
-
-#: Why a non-detached cache is gone when Ray says its actors' owner died.
-_DRIVER_EXITED = ("the driver that created it exited, and a cache lives only as long as the "
-                  "driver (or task) that created it unless made with init(..., detached=True)")
 
 
 def _check_ttl(ttl_s: Any) -> None:
     if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not ttl_s > 0:
         raise ValueError(f"ttl_s must be a number of seconds > 0 or None, got {ttl_s!r}")
-
-
-def _get(ref: Any) -> Any:
-    """``ray.get`` of a coordinator call, raising what the actors raised as its own type:
-    a plain FlushError (say), never wrapped in Ray's exceptions or their traceback text."""
-    from .errors import RemoteError, ShardUnavailableError
-
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as e:
-        cause: Any = e
-        while isinstance(cause, ray.exceptions.RayTaskError):  # a shard's, via the coordinator
-            cause = cause.cause
-        if isinstance(cause, ray.exceptions.RayActorError):
-            error: BaseException = (
-                CacheClosedError(f"the cache is gone: {_DRIVER_EXITED}")
-                if "owner has died" in str(cause) else
-                ShardUnavailableError(f"a shard of the cache is gone: {_first_line(cause)}"))
-        elif isinstance(cause, Exception) and not isinstance(cause, ray.exceptions.RayError):
-            error = cause
-        else:  # not rebuildable here, or a failure of Ray's own: say what it was
-            error = RemoteError(_first_line(cause if cause is not None else e))
-    except ray.exceptions.RayActorError as e:
-        error = CacheClosedError(f"the cache is gone: {_DRIVER_EXITED}" if "owner has died"
-                                 in str(e) else f"the cache's coordinator is gone: {e}")
-    raise error from None
-
-
-def _first_line(error: BaseException) -> str:
-    """``Type: message`` of ``error``'s first line, without terminal color codes (for a Ray
-    task error, the last line of its traceback: the original ``Type: message``)."""
-    import re
-
-    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines() or [""]
-    if isinstance(error, ray.exceptions.RayTaskError):
-        return lines[-1]
-    return f"{type(error).__name__}: {lines[0]}"
 
 
 _TOTAL_SKIP = {"shard", "pid", "oldest_pending_ms", "last_errors"}

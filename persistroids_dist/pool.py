@@ -9,12 +9,12 @@ import time
 from collections import deque
 from typing import Any
 
-import ray
-
+from . import control
 from .codec import NUM_SLOTS, slot_of
 from .errors import CacheClosedError, ShardUnavailableError, UnacknowledgedWritesError
 from .lease import Ownership
 from .near import NearCache
+from .spec import CacheSpec
 from .transport import Connection
 
 __all__ = ["LINGER", "Pool", "pool_for", "slot_table"]
@@ -28,14 +28,14 @@ def slot_table(num_shards: int) -> list[int]:
 class Pool:
     """One process's connections to the shards of one cache."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
-        self.spec = spec
-        self.addresses: list[dict[str, Any]] = list(spec["addresses"])
-        self.conns: list[Connection | None] = [None] * spec["num_shards"]
+    def __init__(self, spec: CacheSpec) -> None:
+        self.spec = spec = CacheSpec.of(spec)
+        self.addresses: list[dict[str, Any]] = list(spec.addresses)
+        self.conns: list[Connection | None] = [None] * spec.num_shards
         self.lock = threading.Lock()
         self.closed = False
         self.near: NearCache | None = None
-        self.table = slot_table(spec["num_shards"])
+        self.table = slot_table(spec.num_shards)
         self.leases = Ownership(self)
         # Per shard, writes sent on a connection that broke before answering them; and errors
         # reported for pipelined writes on such a connection. ``sync()`` raises them.
@@ -48,32 +48,22 @@ class Pool:
             return c
         with self.lock:
             if self.closed:
-                raise CacheClosedError(f"cache {self.spec['name']!r} was shut down")
+                raise CacheClosedError(f"cache {self.spec.name!r} was shut down")
             c = self.conns[shard]
             if c is not None and c.closed:  # closed by the linger thread: a send failed
                 self._retire(shard, c)
             if c is None or c.closed:
                 try:
-                    c = Connection(self.addresses[shard], self.spec["secret"])
+                    c = Connection(self.addresses[shard], self.spec.secret)
                 except (ConnectionError, FileNotFoundError, OSError):
                     self.addresses[shard] = self._resolve(shard)
-                    c = Connection(self.addresses[shard], self.spec["secret"])
+                    c = Connection(self.addresses[shard], self.spec.secret)
                 self.conns[shard] = c
             return c
 
     def _resolve(self, shard: int) -> dict[str, Any]:
         # The shard may have been restarted by Ray with a new socket: ask it where it is.
-        try:
-            return ray.get(self.spec["shards"][shard].address.remote(), timeout=60)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-            if "owner has died" in str(e):  # only a non-detached cache's actors have an owner
-                why = ("the driver that created the cache exited, and a cache lives only as "
-                       "long as the driver (or task) that created it unless made with "
-                       "init(..., detached=True)")
-            else:
-                why = f"{type(e).__name__}; was the cache shut down?"
-            raise CacheClosedError(
-                f"cache {self.spec['name']!r}: shard {shard} is gone ({why})") from None
+        return control.resolve_address(self.spec, shard)
 
     def drop(self, shard: int) -> None:
         """Close the connection to ``shard`` (the next use reconnects); writes it had not
@@ -111,15 +101,15 @@ class Pool:
             for i in range(len(self.conns)):
                 self.drop(i)
         with _POOLS_LOCK:
-            if _POOLS.get((self.spec["name"], self.spec["secret"])) is self:
-                del _POOLS[(self.spec["name"], self.spec["secret"])]
+            if _POOLS.get((self.spec.name, self.spec.secret)) is self:
+                del _POOLS[(self.spec.name, self.spec.secret)]
 
     # -- the routing interface leases use (lease.Router) -------------------------------------
     def shard_for(self, kb: bytes) -> int:
         return self.table[slot_of(kb)]
 
     def open_connection(self, shard: int) -> Connection:
-        return Connection(self.addresses[shard], self.spec["secret"])
+        return Connection(self.addresses[shard], self.spec.secret)
 
     def scatter(self, frames: dict[int, bytes], errors: bool = False) -> dict[int, Any]:
         """Send one request per shard, then collect the answers: one round trip overall.
@@ -150,7 +140,7 @@ class Pool:
         except (ConnectionError, OSError) as e:
             for s, _ in conns:
                 self.drop(s)
-            raise ShardUnavailableError(f"cache {self.spec['name']!r}: lost a shard: {e}") from e
+            raise ShardUnavailableError(f"cache {self.spec.name!r}: lost a shard: {e}") from e
         finally:
             for c in held:
                 c.lock.release()
@@ -190,8 +180,8 @@ _POOLS: dict[tuple[str, bytes], Pool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def pool_for(spec: dict[str, Any]) -> Pool:
-    key = (spec["name"], spec["secret"])
+def pool_for(spec: CacheSpec) -> Pool:
+    key = (spec.name, spec.secret)
     pool = _POOLS.get(key)
     if pool is None or pool.closed:
         with _POOLS_LOCK:

@@ -17,7 +17,7 @@ import ray
 
 import persistroids_dist as pd
 from connectors.memory import MemoryConnector
-from persistroids_dist.api import _init_options
+from persistroids_dist.control import _init_options
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(TESTS_DIR)

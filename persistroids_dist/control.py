@@ -1,0 +1,256 @@
+"""The control plane: every Ray call the library makes outside its actors.
+
+Ray places the shard actors, names them so other drivers find them, restarts them and runs the
+coordinator's flushes; the data path (``client``, ``pool``, ``lease``, ``transport``) never
+calls Ray. ``api`` builds caches and handles with the functions here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import warnings
+from typing import Any
+
+import ray
+
+from .actors import Coordinator, ShardActor, wait_ready
+from .errors import CacheClosedError, RemoteError, ShardUnavailableError
+from .spec import CacheSpec
+
+__all__ = ["NAMESPACE", "ensure_ray", "find_coordinator", "flush_all", "get",
+           "resolve_address", "shutdown_cache", "spec_of", "start_cache", "why_gone"]
+
+#: Ray namespace of every cache's actors, so other drivers can find them by name.
+NAMESPACE = "persistroids"
+
+
+#: Why a non-detached cache is gone when Ray says its actors' owner died.
+_DRIVER_EXITED = ("the driver that created it exited, and a cache lives only as long as the "
+                  "driver (or task) that created it unless made with init(..., detached=True)")
+
+
+#: ``ray.init`` arguments that only size a cluster being started (Ray refuses them on joining).
+_START_ONLY = frozenset({"num_cpus", "num_gpus", "resources", "labels", "object_store_memory",
+                         "_system_config", "_enable_object_reconstruction", "_node_name"})
+
+
+def _recorded_cluster(temp_dir: str | None) -> str | None:
+    """The address of the running cluster that the last ``ray start`` on this machine
+    recorded (the one a plain ``ray.init()`` joins), or None.
+
+    A record whose cluster does not answer (it crashed, or the machine rebooted) counts as
+    none, with a warning: a plain ``ray.init()`` would wait for it for minutes.
+    """
+    try:
+        from ray._private.services import find_bootstrap_address
+    except ImportError:  # a Ray without it: only RAY_ADDRESS or address= join a cluster
+        return None
+    recorded = find_bootstrap_address(temp_dir)
+    if not recorded:
+        return None
+    host, _, port = recorded.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+    except (OSError, ValueError):
+        warnings.warn(f"the Ray cluster that the last `ray start` on this machine recorded "
+                      f"({recorded}) does not answer; starting a local one instead (`ray stop` "
+                      "clears the record)", RuntimeWarning, stacklevel=4)
+        return None
+    return recorded
+
+
+def _init_options(address: str | None, kwargs: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The ``ray.init`` arguments for ``ensure_ray``, and how they pick the cluster: "start",
+    "address", "RAY_ADDRESS" or "recorded"."""
+    env = os.environ.get("RAY_ADDRESS", "")
+    start_only = sorted(_START_ONLY.intersection(kwargs))
+    if address is not None:
+        how = "start" if address == "local" else "address"
+    elif env:
+        how = "start" if env == "local" else "RAY_ADDRESS"
+    elif start_only:
+        how = "start"  # sizing a cluster only makes sense for a new one: never join with it
+    else:
+        how = "recorded" if _recorded_cluster(kwargs.get("_temp_dir")) else "start"
+    opts: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+    if how == "start":
+        opts.update(address="local", include_dashboard=False,
+                    num_cpus=min(4, os.cpu_count() or 1),
+                    _node_ip_address="127.0.0.1")  # keep the local cluster on loopback
+    elif start_only:
+        chosen = f"address={address!r}" if how == "address" else f"RAY_ADDRESS={env!r}"
+        raise ValueError(f"{chosen} joins a running Ray cluster, which takes no "
+                         f"{', '.join(start_only)}; pass address='local' to start a private one")
+    elif how == "address":
+        opts["address"] = address
+    # RAY_ADDRESS or the recorded cluster: no address, so Ray finds it as a plain ray.init()
+    opts.update(kwargs)
+    return opts, how
+
+
+def ensure_ray(address: str | None = None, **kwargs: Any) -> None:
+    """Make sure this process is connected to Ray, following Ray's own convention.
+
+    If Ray is initialized, use it. Otherwise ``address`` picks the cluster: ``"local"`` starts
+    a small private one (at most 4 CPUs, no dashboard), any other value is passed to
+    ``ray.init`` to join that cluster. Without it, join the cluster in RAY_ADDRESS, else the
+    one a ``ray start`` on this machine is running (as a plain ``ray.init()`` does), else
+    start a small local one. ``kwargs`` go to ``ray.init``; those that size a new cluster
+    (``num_cpus``, ``resources``, ...) make it start one instead of joining a ``ray start``.
+    """
+    if ray.is_initialized():
+        return
+    opts, how = _init_options(address, kwargs)
+    try:
+        ray.init(**opts)
+    except ConnectionError as e:
+        if how != "recorded":
+            raise
+        raise ConnectionError(
+            f"could not join the Ray cluster that the last `ray start` on this machine "
+            f"recorded: {e}. Pass address='local' to start a private cluster instead") from e
+
+
+def _actor_name(name: str) -> str:
+    return f"cache:{name}"
+
+
+def why_gone(name: str) -> str:
+    """Why the cache ``name`` has no live coordinator, from the dead actors Ray still
+    remembers; '' if Ray knows of none."""
+    try:
+        from ray._private.state import actors
+        dead = actors(actor_state_name="DEAD").values()
+    except Exception:  # a private Ray API: the message just stays shorter without it
+        return ""
+    target, latest, ctx = _actor_name(name), None, None
+    for info in dead:
+        cause = info.get("DeathCause")
+        c = (cause.actor_died_error_context
+             if cause is not None and cause.HasField("actor_died_error_context") else None)
+        other_namespace = c is not None and c.ray_namespace not in ("", NAMESPACE)
+        if info.get("Name") != target or other_namespace:
+            continue
+        if latest is None or info.get("EndTime", 0) >= latest.get("EndTime", 0):
+            latest, ctx = info, c
+    if latest is None:
+        return ""
+    if ctx is None:
+        return "its coordinator died"
+    reason = ctx.DESCRIPTOR.fields_by_name["reason"].enum_type.values_by_number[ctx.reason].name
+    if reason == "OWNER_DIED" and not latest.get("IsDetached"):
+        return _DRIVER_EXITED
+    if reason == "RAY_KILL":
+        return "it was shut down (or its coordinator was killed)"
+    detail = ctx.error_message.strip().splitlines()
+    return f"its coordinator died ({reason}{': ' + detail[0] if detail else ''})"
+
+
+def get(ref: Any) -> Any:
+    """``ray.get`` of a coordinator call, raising what the actors raised as its own type:
+    a plain FlushError (say), never wrapped in Ray's exceptions or their traceback text."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause: Any = e
+        while isinstance(cause, ray.exceptions.RayTaskError):  # a shard's, via the coordinator
+            cause = cause.cause
+        if isinstance(cause, ray.exceptions.RayActorError):
+            error: BaseException = (
+                CacheClosedError(f"the cache is gone: {_DRIVER_EXITED}")
+                if "owner has died" in str(cause) else
+                ShardUnavailableError(f"a shard of the cache is gone: {_first_line(cause)}"))
+        elif isinstance(cause, Exception) and not isinstance(cause, ray.exceptions.RayError):
+            error = cause
+        else:  # not rebuildable here, or a failure of Ray's own: say what it was
+            error = RemoteError(_first_line(cause if cause is not None else e))
+    except ray.exceptions.RayActorError as e:
+        error = CacheClosedError(f"the cache is gone: {_DRIVER_EXITED}" if "owner has died"
+                                 in str(e) else f"the cache's coordinator is gone: {e}")
+    raise error from None
+
+
+def _first_line(error: BaseException) -> str:
+    """``Type: message`` of ``error``'s first line, without terminal color codes (for a Ray
+    task error, the last line of its traceback: the original ``Type: message``)."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines() or [""]
+    if isinstance(error, ray.exceptions.RayTaskError):
+        return lines[-1]
+    return f"{type(error).__name__}: {lines[0]}"
+
+
+
+def find_coordinator(name: str) -> Any | None:
+    """The coordinator actor of the running cache ``name``, or None."""
+    try:
+        return ray.get_actor(_actor_name(name), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def spec_of(coordinator: Any) -> CacheSpec:
+    """The spec of the cache that ``coordinator`` runs."""
+    return CacheSpec.of(get(coordinator.spec.remote())).replace(coordinator=coordinator)
+
+
+def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict[str, Any],
+                *, cache_key: Any, checkpoint_handler: Any, detached: bool,
+                shard_options: dict[str, Any] | None) -> CacheSpec:
+    """Start the shard actors and the coordinator of a new cache; its spec. On any failure
+    every actor started here is removed again."""
+    secret = os.urandom(32)
+    actor_opts: dict[str, Any] = {"num_cpus": 0, "namespace": NAMESPACE}
+    if detached:
+        actor_opts["lifetime"] = "detached"
+    actor_opts.update(shard_options or {})
+    shards: list[Any] = []
+    coordinator = None
+    try:
+        for i in range(num_shards):
+            shards.append(ShardActor.options(name=f"{_actor_name(name)}:shard{i}", **actor_opts)
+                          .remote(i, connectors, options, secret))
+        addresses = wait_ready([s.address.remote() for s in shards])
+        spec = CacheSpec(name=name, secret=secret, num_shards=num_shards, shards=shards,
+                         addresses=addresses, cache_key=cache_key, detached=detached)
+        coord_opts = {"num_cpus": 0, "namespace": NAMESPACE, "name": _actor_name(name)}
+        if detached:
+            coord_opts["lifetime"] = "detached"
+        coordinator = Coordinator.options(**coord_opts).remote(spec, shards, checkpoint_handler)
+        get(coordinator.spec.remote())  # fail here, not later, if it cannot start
+    except BaseException as e:
+        for actor in [*shards, coordinator]:
+            if actor is not None:
+                ray.kill(actor)
+        if isinstance(e, ray.exceptions.ActorAlreadyExistsError):  # another driver, just now
+            raise ValueError(f"a cache named {name!r} is being created by another driver; "
+                             f"use connect({name!r}) once it runs") from None
+        raise
+    return spec.replace(coordinator=coordinator)
+
+
+def resolve_address(spec: CacheSpec, shard: int) -> dict[str, Any]:
+    """Where ``shard`` listens now (Ray may have restarted it with a new socket)."""
+    try:
+        return ray.get(spec.shards[shard].address.remote(), timeout=60)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+        if "owner has died" in str(e):  # only a non-detached cache's actors have an owner
+            why = ("the driver that created the cache exited, and a cache lives only as "
+                   "long as the driver (or task) that created it unless made with "
+                   "init(..., detached=True)")
+        else:
+            why = f"{type(e).__name__}; was the cache shut down?"
+        raise CacheClosedError(f"cache {spec.name!r}: shard {shard} is gone ({why})") from None
+
+
+def flush_all(spec: CacheSpec, checkpoint_blob: bytes | None) -> Any:
+    """Run the coordinator's synchronized flush (and checkpoint)."""
+    return get(spec.coordinator.flush_all.remote(checkpoint_blob))
+
+
+def shutdown_cache(spec: CacheSpec, disconnect: bool) -> list[dict[str, Any]]:
+    """Flush and close every shard, then remove the coordinator; the shards' last metrics."""
+    shards = get(spec.coordinator.shutdown.remote(disconnect))
+    ray.kill(spec.coordinator)
+    return shards

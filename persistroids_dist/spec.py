@@ -1,0 +1,54 @@
+"""``CacheSpec``: everything a handle needs to reach one cache, shipped with every handle."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CacheSpec"]
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a ``Cache`` handle carries when it is pickled to a task, an actor or a notebook.
+
+    ``addresses``: per shard, where its socket listens (``{"host", "unix", "tcp"}``).
+    ``shards`` and ``coordinator``: Ray actor handles (the control plane; None for a shard
+    host run in-process). ``secret`` authenticates every connection and never shows in a
+    repr.
+    """
+
+    name: str
+    secret: bytes = field(repr=False)
+    num_shards: int
+    addresses: list[dict[str, Any]]
+    shards: list[Any] = field(default_factory=list, repr=False)
+    coordinator: Any = field(default=None, repr=False)
+    cache_key: Callable[[Any], Any] | None = field(default=None, repr=False)
+    detached: bool = False
+
+    @classmethod
+    def of(cls, spec: CacheSpec | Mapping[str, Any]) -> CacheSpec:
+        """``spec`` itself, or a CacheSpec made from a mapping of its fields."""
+        if isinstance(spec, CacheSpec):
+            return spec
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(spec) - names)
+        if unknown:
+            raise TypeError(f"unknown cache spec field(s): {unknown}")
+        return cls(**spec)
+
+    def replace(self, **changes: Any) -> CacheSpec:
+        return dataclasses.replace(self, **changes)
+
+    # Mapping-style access (``spec["name"]``), kept for code written against the dict.
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
