@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,6 +28,9 @@ from .transport import Connection, Op
 __all__ = ["Lease", "Owned", "Ownership", "Router"]
 
 _packb = msgpack.packb
+
+#: How long a lease poller outlives the last lease of its shard, in seconds.
+POLLER_IDLE_S = 2.0
 
 
 class Router(Protocol):
@@ -191,16 +195,24 @@ class Ownership:
         """Renew this process's leases on ``shard`` and answer recalls as soon as they come
         (a long poll on a connection of its own)."""
         conn = None
+        idle_since = None
         try:
             conn = self.router.open_connection(shard)
             while not self.router.closed:
                 with self._pollers_lock, self.lock:
-                    if not any(e.shard == shard for e in self.owned.values()):
+                    grants = [[kb, e.gen] for kb, e in self.owned.items() if e.shard == shard]
+                    if grants:
+                        idle_since = None
+                    elif idle_since is None:
+                        idle_since = time.monotonic()
+                    elif time.monotonic() - idle_since > POLLER_IDLE_S:
                         del self.pollers[shard]  # a later lease starts a new poller
                         return
-                    grants = [[kb, e.gen] for kb, e in self.owned.items() if e.shard == shard]
+                # Between leases the poller stays a while, so a process that leases in a
+                # loop does not open a connection (and a thread) per lease.
                 ttl = self.ttl_ms
-                recalled = conn.call(_packb([Op.POLL, self.owner, ttl, ttl / 4, grants]))
+                wait = ttl / 4 if grants else min(ttl / 4, POLLER_IDLE_S * 500)
+                recalled = conn.call(_packb([Op.POLL, self.owner, ttl, wait, grants]))
                 if recalled:
                     self._answer(conn, shard, recalled)
         except LeaseLostError as e:
