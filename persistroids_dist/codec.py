@@ -6,10 +6,10 @@ can use the bytes directly: ``hash()`` differs per process, and Python would mer
 and ``True`` into one dict key, while here they are three distinct keys.
 
 Tuples are a msgpack ext type (code 1) holding the msgpack array of their items. Tuple keys and
-values take a fast path (``_tuple_bytes``) that writes the same bytes as msgpack with the
-``default`` hook (``_reference_packb``, kept for the tests) in a fifth of the time: a tuple of
-scalars is packed in C by one shared Packer, nested tuples by a hand-rolled encoder, and any other
-shape takes the general path.
+values take a fast path that writes the same bytes as msgpack with the ``default`` hook
+(``_reference_packb``, kept for the tests) at a small fraction of its cost: a tuple of scalars is
+packed by msgpack in C without the hook, a nested tuple by a hand-rolled encoder
+(``_tuple_payload``), and any other shape takes the general path.
 
 NumPy scalars (``np.int64``, ``np.float32``, ``np.bool_``, ``np.str_``, ...), as Ray Data hands
 them out, are keys and values too: each encodes exactly as the Python value it holds
@@ -238,7 +238,8 @@ def _ext_default(obj: Any) -> Any:
 
 
 def _packer_bytes(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True, strict_types=True, default=_ext_default)
+    return _Packer(buf_size=_BUF, use_bin_type=True, strict_types=True,
+                   default=_ext_default).pack(obj)
 
 
 def _reference_default(obj: Any) -> Any:
