@@ -13,23 +13,20 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import msgpack
 from ray import cloudpickle  # the serializer only: no Ray calls on the data path
 
-from . import control
+from . import control, protocol
 from .codec import decode_value, encode_key, encode_value, slot_of
 from .errors import CacheClosedError, ShardUnavailableError, WriteError
 from .lease import Lease
 from .near import NO_VALUE, NearCache
 from .pool import LINGER, pool_for, slot_table
 from .spec import CacheSpec
-from .transport import Op
 
 __all__ = ["Cache", "NAMESPACE"]
 
 NAMESPACE = control.NAMESPACE  # the Ray namespace of every cache's actors
 
-_packb = msgpack.packb
 _NO_CHECKPOINT = object()
 _monotonic = time.monotonic
 
@@ -141,9 +138,9 @@ class Cache:
                 return decode_value(hit[0]) if hit[2] is NO_VALUE else hit[2]
         shard = self._table[slot_of(kb)]
         if checkpoint is _NO_CHECKPOINT:
-            frame = _packb([Op.READ, kb, ab])
+            frame = protocol.read(kb, ab)
         else:
-            frame = _packb([Op.READ, kb, ab, cloudpickle.dumps(checkpoint)])
+            frame = protocol.read(kb, ab, cloudpickle.dumps(checkpoint))
         sent = _monotonic()
         vb = self._call(shard, frame, retry=True)
         value = decode_value(vb)
@@ -181,7 +178,7 @@ class Cache:
         if not groups:
             return out
         sent = _monotonic()
-        results = self._scatter({s: _packb([Op.READ_MANY, g[1], g[2] if self._cache_key else None])
+        results = self._scatter({s: protocol.read_many(g[1], g[2] if self._cache_key else None)
                                  for s, g in groups.items()})
         for s, res in results.items():
             kbs = groups[s][1]
@@ -215,11 +212,10 @@ class Cache:
             pool.near.put(kb, vb, value)
         shard = self._table[slot_of(kb)]
         if checkpoint is not _NO_CHECKPOINT:
-            self._call(shard, _packb([Op.WRITE, kb, ab, vb, cloudpickle.dumps(checkpoint),
-                                      ttl_s]))
+            self._call(shard, protocol.write(kb, ab, vb, cloudpickle.dumps(checkpoint), ttl_s))
             return value
         if wait:
-            self._call(shard, _packb([Op.WRITE, kb, ab, vb, None, ttl_s]))
+            self._call(shard, protocol.write(kb, ab, vb, None, ttl_s))
             return value
         conn = self._pool.conn(shard)
         try:
@@ -255,7 +251,7 @@ class Cache:
                 g.append(entry)
                 values[s].append(value)
         sent = _monotonic()
-        results = self._pool.scatter({s: _packb([Op.WRITE_MANY, g]) for s, g in groups.items()},
+        results = self._pool.scatter({s: protocol.write_many(g) for s, g in groups.items()},
                                      errors=True)
         near = self._pool.near
         applied, first_error = 0, None
@@ -290,7 +286,7 @@ class Cache:
         if self._pool.near is not None:
             self._pool.near.forget((kb,))
         shard = self._table[slot_of(kb)]
-        frame = _packb([Op.DELETE, kb, ab])
+        frame = protocol.delete(kb, ab)
         if wait:
             self._call(shard, frame)
             return
@@ -305,13 +301,13 @@ class Cache:
         """The value of ``args`` from the cache or the stores, else ``default`` (where
         ``read`` would answer ``init_fn(args)``, or None when no store has the key)."""
         kb, ab = self._encode(args)
-        vb = self._call(self._table[slot_of(kb)], _packb([Op.GET, kb, ab]), retry=True)
+        vb = self._call(self._table[slot_of(kb)], protocol.get(kb, ab), retry=True)
         return default if vb is None else decode_value(vb)
 
     def contains(self, args: Any) -> bool:
         """Whether ``args`` has a value in the cache or a store (``init_fn`` not applied)."""
         kb, ab = self._encode(args)
-        return self._call(self._table[slot_of(kb)], _packb([Op.GET, kb, ab]),
+        return self._call(self._table[slot_of(kb)], protocol.get(kb, ab),
                           retry=True) is not None
 
     def __contains__(self, args: Any) -> bool:
@@ -324,7 +320,7 @@ class Cache:
         kb, _ = self._encode(args)
         if self._pool.near is not None:
             self._pool.near.forget((kb,))
-        return bool(self._call(self._table[slot_of(kb)], _packb([Op.INVALIDATE, kb])))
+        return bool(self._call(self._table[slot_of(kb)], protocol.invalidate(kb)))
 
     def invalidate_all(self) -> int:
         """Flush every pending write, then drop every cached entry of every shard (the stores
@@ -333,8 +329,8 @@ class Cache:
         self._pool.leases.release_all()
         if self._pool.near is not None:
             self._pool.near.forget()
-        frame = _packb([Op.INVALIDATE_ALL])
-        return sum(self._scatter({s: frame for s in range(self.num_shards)}).values())
+        frames = dict.fromkeys(range(self.num_shards), protocol.INVALIDATE_ALL)
+        return sum(self._scatter(frames).values())
 
     def update(self, args: Any, fn: Callable[[Any], Any], *, wait: bool = True) -> Any:
         """Atomically set the value of ``args`` to ``fn(value)`` inside the owning shard and
@@ -357,8 +353,8 @@ class Cache:
         sent = _monotonic()
         try:
             with conn.lock:
-                frame = _packb([Op.UPDATE, kb, ab, digest,
-                                None if digest in conn.known_functions else blob])
+                frame = protocol.update(kb, ab, digest,
+                                        None if digest in conn.known_functions else blob)
                 if wait:
                     vb = conn.call(frame)
                 else:
@@ -422,7 +418,7 @@ class Cache:
         """``{"total": {...}, "shards": [...]}``: lookup (read calls), read (store read
         rounds), write (write calls), flush (distinct keys flushed), and more per shard."""
         self.sync()
-        shards = list(self._scatter({s: _packb([Op.METRICS]) for s in range(self.num_shards)})
+        shards = list(self._scatter({s: protocol.METRICS for s in range(self.num_shards)})
                       .values())
         return aggregate(shards)
 

@@ -18,8 +18,9 @@ from typing import Any
 from ray import cloudpickle
 
 from .errors import CacheClosedError, LeaseLostError
+from .protocol import Op
 from .shard import ShardCore
-from .transport import Op, ShardServer
+from .transport import ShardServer
 
 __all__ = ["Grant", "ShardHost"]
 

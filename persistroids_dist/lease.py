@@ -18,16 +18,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import msgpack
-
+from . import protocol
 from .codec import decode_value, encode_value
 from .errors import LeaseLostError
 from .near import NO_VALUE, NearCache, local_value
-from .transport import Connection, Op
+from .transport import Connection
 
 __all__ = ["Lease", "Owned", "Ownership", "Router"]
 
-_packb = msgpack.packb
 
 #: How long a lease poller outlives the last lease of its shard, in seconds.
 POLLER_IDLE_S = 2.0
@@ -168,7 +166,7 @@ class Ownership:
 
     def push(self, pushes: Pushes, release: bool = True) -> None:
         """Send owned writes to their shards; with ``release``, give the keys back too."""
-        frames = {s: _packb([Op.RELEASE, self.owner, items, grants if release else []])
+        frames = {s: protocol.release(self.owner, items, grants if release else [])
                   for s, (items, grants) in pushes.items()}
         try:
             if frames:
@@ -212,7 +210,7 @@ class Ownership:
                 # loop does not open a connection (and a thread) per lease.
                 ttl = self.ttl_ms
                 wait = ttl / 4 if grants else min(ttl / 4, POLLER_IDLE_S * 500)
-                recalled = conn.call(_packb([Op.POLL, self.owner, ttl, wait, grants]))
+                recalled = conn.call(protocol.poll(self.owner, ttl, wait, grants))
                 if recalled:
                     self._answer(conn, shard, recalled)
         except LeaseLostError as e:
@@ -243,7 +241,7 @@ class Ownership:
         try:
             if taken:
                 items, grants = taken[shard]
-                conn.call(_packb([Op.RELEASE, self.owner, items, grants]))
+                conn.call(protocol.release(self.owner, items, grants))
         finally:
             self.done_releasing(taken)
         if len(mine) < len(recalled):
@@ -303,8 +301,8 @@ class Lease:
         for kb, ab in keys:
             groups.setdefault(router.shard_for(kb), []).append((kb, ab))
         router.sync()  # our pipelined writes to these keys land before the lease is taken
-        answers = router.scatter({s: _packb([Op.LEASE, [kb for kb, _ in g], own.owner,
-                                             self.ttl_ms]) for s, g in groups.items()})
+        answers = router.scatter({s: protocol.lease([kb for kb, _ in g], own.owner, self.ttl_ms)
+                                  for s, g in groups.items()})
         with own.lock:
             for s, g in groups.items():
                 gen, values = answers[s]

@@ -27,7 +27,9 @@ from typing import Any
 
 import msgpack
 
+from . import protocol
 from .errors import AuthenticationError, RemoteError
+from .protocol import Op
 
 __all__ = ["Connection", "Op", "ShardServer"]
 
@@ -41,26 +43,6 @@ _HANDSHAKE_TIMEOUT = 5.0
 # What a peer may take of a shard before it proves the secret (see ShardServer).
 _HANDSHAKE_MAX_BYTES = 4096  # the client's [proof, nonce] frame is 53 bytes
 _MAX_HANDSHAKES = 64  # connections in the handshake at once
-
-
-class Op:
-    """Request opcodes (one integer each, to keep frames small)."""
-
-    READ = 1
-    READ_MANY = 2
-    WRITE = 3
-    WRITE_MANY = 4
-    UPDATE = 5
-    FLUSH = 6
-    METRICS = 7
-    PING = 8
-    LEASE = 9
-    RELEASE = 10
-    POLL = 11
-    DELETE = 12
-    GET = 13
-    INVALIDATE = 14
-    INVALIDATE_ALL = 15
 
 
 def _mac(secret: bytes, *parts: bytes) -> bytes:
@@ -439,7 +421,7 @@ class Connection:
     def send_queue(self) -> None:
         if self.queue:
             items, self.queue = self.queue, []
-            self._send(msgpack.packb([Op.WRITE_MANY, items]), len(items))
+            self._send(protocol.write_many(items), len(items))
 
     def send(self, frame: bytes, writes: int = 1) -> None:
         """Send a request whose response is read later (an error is raised by a later call).

@@ -1,0 +1,97 @@
+"""The wire frames between a client and a shard: every request, in one place.
+
+A request is one msgpack array ``[op, *args]``; the shard answers ``[0, result]`` or
+``[1, pickled exception]``, in request order (``transport`` frames and authenticates; the
+shard's handlers, in ``host.ShardHost``, take the arguments listed here). Keys travel as
+canonical key bytes ``kb``, read arguments as ``ab`` (msgpack bytes of the args, None when
+they are the key itself), values as msgpack bytes ``vb``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+
+__all__ = ["Op"]
+
+_packb = msgpack.packb
+
+
+class Op:
+    """Request opcodes (one integer each, to keep frames small)."""
+
+    READ = 1  # [kb, ab, checkpoint?] -> vb
+    READ_MANY = 2  # [kbs, abs | None] -> [vb, ...]
+    WRITE = 3  # [kb, ab, vb, checkpoint?, ttl_s?] -> None
+    WRITE_MANY = 4  # [[[kb, ab, vb(, ttl_s)], ...], checkpoint?] -> applied count
+    UPDATE = 5  # [kb, ab, fn digest, cloudpickled fn | None] -> new vb
+    FLUSH = 6  # [] -> keys flushed
+    METRICS = 7  # [] -> {counter: value}
+    PING = 8  # [] -> shard index
+    LEASE = 9  # [kbs, owner, ttl_ms] -> [generation, [vb, ...]]
+    RELEASE = 10  # [owner, [[kb, ab, vb, gen], ...], [[kb, gen], ...]] -> writes applied
+    POLL = 11  # [owner, ttl_ms, wait_ms, [[kb, gen], ...]] -> recalled [[kb, gen], ...]
+    DELETE = 12  # [kb, ab] -> None
+    GET = 13  # [kb, ab] -> vb | None (None: stored nowhere)
+    INVALIDATE = 14  # [kb] -> was cached
+    INVALIDATE_ALL = 15  # [] -> entries dropped
+
+
+def read(kb: bytes, ab: bytes | None, checkpoint: bytes | None = None) -> bytes:
+    if checkpoint is None:
+        return _packb([Op.READ, kb, ab])
+    return _packb([Op.READ, kb, ab, checkpoint])
+
+
+def read_many(kbs: Sequence[bytes], abs_: Sequence[bytes | None] | None) -> bytes:
+    return _packb([Op.READ_MANY, kbs, abs_])
+
+
+def write(kb: bytes, ab: bytes | None, vb: bytes, checkpoint: bytes | None = None,
+          ttl_s: float | None = None) -> bytes:
+    return _packb([Op.WRITE, kb, ab, vb, checkpoint, ttl_s])
+
+
+def write_many(items: Sequence[Sequence[Any]]) -> bytes:
+    """``items``: ``[kb, ab, vb]`` or ``[kb, ab, vb, ttl_s]`` each."""
+    return _packb([Op.WRITE_MANY, items])
+
+
+def update(kb: bytes, ab: bytes | None, digest: bytes, fn_blob: bytes | None) -> bytes:
+    """``fn_blob`` only the first time this connection uses the function ``digest``."""
+    return _packb([Op.UPDATE, kb, ab, digest, fn_blob])
+
+
+def delete(kb: bytes, ab: bytes | None) -> bytes:
+    return _packb([Op.DELETE, kb, ab])
+
+
+def get(kb: bytes, ab: bytes | None) -> bytes:
+    return _packb([Op.GET, kb, ab])
+
+
+def invalidate(kb: bytes) -> bytes:
+    return _packb([Op.INVALIDATE, kb])
+
+
+def lease(kbs: Sequence[bytes], owner: bytes, ttl_ms: float) -> bytes:
+    return _packb([Op.LEASE, kbs, owner, ttl_ms])
+
+
+def release(owner: bytes, items: Sequence[Sequence[Any]],
+            grants: Sequence[Sequence[Any]]) -> bytes:
+    """Apply ``items`` (writes made under the grants they name), then end ``grants``."""
+    return _packb([Op.RELEASE, owner, items, grants])
+
+
+def poll(owner: bytes, ttl_ms: float, wait_ms: float, grants: Sequence[Sequence[Any]]) -> bytes:
+    """Renew ``grants``; answer the owner's recalled grants, waiting up to ``wait_ms``."""
+    return _packb([Op.POLL, owner, ttl_ms, wait_ms, grants])
+
+
+INVALIDATE_ALL = _packb([Op.INVALIDATE_ALL])
+METRICS = _packb([Op.METRICS])
+PING = _packb([Op.PING])
+FLUSH = _packb([Op.FLUSH])
