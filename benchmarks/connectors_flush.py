@@ -34,15 +34,14 @@ def _measure(conn: Any, rows: int, reads: int) -> tuple[float, float, float]:
 
 
 def _sqlite(tag: str) -> tuple[Any, Callable[[], None]]:
-    from connectors.sqlite import SQLiteConnector
+    from persistroids_dist.connectors.sqlite import SQLiteConnector
     d = tempfile.TemporaryDirectory()
     return SQLiteConnector(os.path.join(d.name, "bench.sqlite3"), table=tag), d.cleanup
 
 
 def _postgres(tag: str) -> tuple[Any, Callable[[], None]]:
+    from persistroids_dist.connectors.postgres import PostgresConnector
     from psycopg import sql
-
-    from connectors.postgres import PostgresConnector
     conn = PostgresConnector(table=tag, connect_timeout_s=3)
     drop_sql = sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(tag))
 
@@ -52,7 +51,7 @@ def _postgres(tag: str) -> tuple[Any, Callable[[], None]]:
 
 
 def _redis(tag: str) -> tuple[Any, Callable[[], None]]:
-    from connectors.redis import RedisConnector
+    from persistroids_dist.connectors.redis import RedisConnector
     conn = RedisConnector(prefix=f"bench:{tag}:", socket_timeout_s=10)
 
     def drop() -> None:

@@ -53,15 +53,15 @@ from typing import Any
 import psycopg
 import ray
 import redis
+from persistroids_dist.connectors.postgres import DEFAULT_DSN as PG_DEFAULT_DSN
+from persistroids_dist.connectors.postgres import ENV_DSN as PG_ENV_DSN
+from persistroids_dist.connectors.postgres import PostgresConnector
+from persistroids_dist.connectors.redis import DEFAULT_URL as REDIS_DEFAULT_URL
+from persistroids_dist.connectors.redis import ENV_URL as REDIS_ENV_URL
+from persistroids_dist.connectors.sqlite import SQLiteConnector
 
 import persistroids_dist as pd
 from benchmarks.keys import k1_tuple_keys
-from connectors.postgres import DEFAULT_DSN as PG_DEFAULT_DSN
-from connectors.postgres import ENV_DSN as PG_ENV_DSN
-from connectors.postgres import PostgresConnector
-from connectors.redis import DEFAULT_URL as REDIS_DEFAULT_URL
-from connectors.redis import ENV_URL as REDIS_ENV_URL
-from connectors.sqlite import SQLiteConnector
 from persistroids_dist.codec import decode_value, encode_key, encode_value
 from persistroids_dist.shard import ShardCore
 
@@ -764,11 +764,10 @@ class _C1Store:
 
 def _c1_stores(ctx: Ctx, admin: psycopg.Connection[Any]) -> list[_C1Store]:
     import pyarrow.parquet as pq
-
-    from connectors.files import FileConnector
-    from connectors.memory import MemoryConnector
-    from connectors.parquet import ParquetConnector
-    from connectors.redis import RedisConnector
+    from persistroids_dist.connectors.files import FileConnector
+    from persistroids_dist.connectors.memory import MemoryConnector
+    from persistroids_dist.connectors.parquet import ParquetConnector
+    from persistroids_dist.connectors.redis import RedisConnector
 
     n = ctx.pick(100_000, 10_000)
     n_files = ctx.pick(5_000, 300)

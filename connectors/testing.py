@@ -3,7 +3,7 @@
 Run the contract against your own connector by subclassing :class:`ConnectorContract` in a
 pytest module and providing ``make_connector()``::
 
-    from connectors.testing import ConnectorContract
+    from persistroids_dist.connectors.testing import ConnectorContract
 
     class TestMyStore(ConnectorContract):
         def make_connector(self):
@@ -39,7 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
+try:
+    import pytest
+except ImportError as e:  # a connector author's test helper, not a runtime dependency
+    raise ImportError("persistroids_dist.connectors.testing needs pytest: "
+                      "pip install 'persistroids-dist[test]'") from e
 
 from persistroids_dist.codec import decode_value
 from persistroids_dist.errors import FlushError

@@ -70,7 +70,7 @@ def init(
     ``"local"`` always starts a private one.
     """
     if connectors is None:
-        from connectors.memory import MemoryConnector
+        from .connectors.memory import MemoryConnector
         connectors = [MemoryConnector()]
     connectors = list(connectors)
     for i, conn in enumerate(connectors):

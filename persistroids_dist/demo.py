@@ -31,7 +31,7 @@ from typing import Any
 import ray
 
 import persistroids_dist as pd
-from connectors.sqlite import SQLiteConnector
+from persistroids_dist.connectors.sqlite import SQLiteConnector
 
 PG_DSN = os.environ.get("PERSISTROIDS_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 UPSERT = "INSERT INTO {t} (k, v) VALUES ({p}, 1) ON CONFLICT (k) DO UPDATE SET v = {t}.v + 1"

@@ -10,11 +10,11 @@ import uuid
 import numpy as np
 import pytest
 import ray
+from persistroids_dist.connectors.redis import RedisConnector
+from persistroids_dist.connectors.sqlite import SQLiteConnector
+from persistroids_dist.connectors.testing import require_service
 
 import persistroids_dist as pd
-from connectors.redis import RedisConnector
-from connectors.sqlite import SQLiteConnector
-from connectors.testing import require_service
 from persistroids_dist.codec import encode_value
 
 

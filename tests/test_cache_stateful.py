@@ -8,8 +8,7 @@ import itertools
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
-
-from connectors.sqlite import SQLiteConnector
+from persistroids_dist.connectors.sqlite import SQLiteConnector
 
 KEYS = st.sampled_from(["a", "b", "c", ("t", 1), 7, b"raw", "d", "e", "f", "g"])
 VALUES = st.one_of(st.integers(-5, 5), st.text(max_size=3), st.none(),

@@ -10,8 +10,8 @@ import time
 import uuid
 
 import pytest
+from persistroids_dist.connectors.memory import MemoryConnector
 
-from connectors.memory import MemoryConnector
 from persistroids_dist import WriteError
 from persistroids_dist.client import Cache
 from persistroids_dist.codec import encode_key

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from persistroids_dist.connectors.memory import MemoryConnector
+from persistroids_dist.connectors.sqlite import SQLiteConnector
+from persistroids_dist.connectors.testing import ConnectorContract, Outage, require_service
 
-from connectors.memory import MemoryConnector
-from connectors.sqlite import SQLiteConnector
-from connectors.testing import ConnectorContract, Outage, require_service
 from persistroids_dist.codec import decode_value, encode_value
 from persistroids_dist.shard import ShardCore
 
@@ -173,7 +173,7 @@ def test_require_service_skips_or_fails(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def _open_and_write(path: str, i: int, start: Any) -> None:
-    from connectors.sqlite import SQLiteConnector
+    from persistroids_dist.connectors.sqlite import SQLiteConnector
 
     conn = SQLiteConnector(path)
     start.wait()
@@ -187,7 +187,7 @@ def test_many_sqlite_connectors_opening_one_new_file_at_once(tmp_path):
     The race is timing-dependent, so it is run on several fresh files."""
     import multiprocessing
 
-    from connectors.sqlite import SQLiteConnector
+    from persistroids_dist.connectors.sqlite import SQLiteConnector
 
     ctx = multiprocessing.get_context("fork")
     for attempt in range(12):

@@ -10,17 +10,22 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-from connectors.postgres import (
+from persistroids_dist.connectors.postgres import (
     DEFAULT_DSN,
     ENV_DSN,
     PostgresConnector,
     PostgresUnavailableError,
     mask_dsn,
 )
-from connectors.testing import ConnectorContract, Outage, TcpProxy, require_service
+from persistroids_dist.connectors.testing import (
+    ConnectorContract,
+    Outage,
+    TcpProxy,
+    require_service,
+)
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
 from persistroids_dist.shard import ShardCore
 
 DSN = os.environ.get(ENV_DSN) or DEFAULT_DSN

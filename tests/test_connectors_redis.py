@@ -11,15 +11,20 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
-
-from connectors.redis import (
+from persistroids_dist.connectors.redis import (
     DEFAULT_URL,
     ENV_URL,
     RedisConnector,
     RedisUnavailableError,
     mask_url,
 )
-from connectors.testing import ConnectorContract, Outage, TcpProxy, require_service
+from persistroids_dist.connectors.testing import (
+    ConnectorContract,
+    Outage,
+    TcpProxy,
+    require_service,
+)
+
 from persistroids_dist.codec import encode_value
 
 URL = os.environ.get(ENV_URL) or DEFAULT_URL

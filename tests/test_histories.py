@@ -318,7 +318,7 @@ def test_leases_under_recall_are_linearizable(make_cache):
 
 
 def test_evictions_to_sqlite_are_linearizable(make_cache, tmp_path):
-    from connectors.sqlite import SQLiteConnector
+    from persistroids_dist.connectors.sqlite import SQLiteConnector
 
     path = tmp_path / "kv.sqlite3"
     # Two entries per shard for 8 keys: most reads miss and go back to the store.

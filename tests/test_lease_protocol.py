@@ -7,8 +7,8 @@ import threading
 
 import msgpack
 import pytest
+from persistroids_dist.connectors.memory import MemoryConnector
 
-from connectors.memory import MemoryConnector
 from persistroids_dist import LeaseLostError
 from persistroids_dist.client import Cache
 from persistroids_dist.codec import decode_value, encode_key, encode_value

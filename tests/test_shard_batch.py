@@ -93,7 +93,7 @@ def test_rejected_writes_are_not_counted_as_writes():
 
 
 def test_encoded_reads_skip_decoding_yet_keep_init_fn_and_none_semantics(tmp_path):
-    from connectors.sqlite import SQLiteConnector
+    from persistroids_dist.connectors.sqlite import SQLiteConnector
 
     path = tmp_path / "enc.db"
     writer = ShardCore([SQLiteConnector(path)])
@@ -107,7 +107,7 @@ def test_encoded_reads_skip_decoding_yet_keep_init_fn_and_none_semantics(tmp_pat
 
 
 def test_a_subclass_overriding_read_is_always_called(tmp_path):
-    from connectors.sqlite import SQLiteConnector
+    from persistroids_dist.connectors.sqlite import SQLiteConnector
 
     class Audited(SQLiteConnector):
         reads = 0

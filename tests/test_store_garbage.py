@@ -6,8 +6,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from persistroids_dist.connectors.memory import MemoryConnector
 
-from connectors.memory import MemoryConnector
 from persistroids_dist import StoreDataError
 from persistroids_dist.client import Cache
 from persistroids_dist.codec import encode_key, encode_value

@@ -10,8 +10,8 @@ import tracemalloc
 
 import msgpack
 import pytest
+from persistroids_dist.connectors.memory import MemoryConnector
 
-from connectors.memory import MemoryConnector
 from persistroids_dist import AuthenticationError
 from persistroids_dist.codec import decode_value, encode_key, encode_value
 from persistroids_dist.host import ShardHost
