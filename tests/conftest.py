@@ -1,4 +1,6 @@
-"""One local Ray instance for the whole test session, torn down at the end."""
+"""Shared fixtures. tests/unit runs without Ray or servers, tests/store needs PostgreSQL and
+Redis, tests/cluster runs on one local Ray instance for the whole session (torn down at the
+end)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="session")
 def ray_session():
     # Ray workers must import test modules that define connectors and functions they run.
-    paths = [TESTS_DIR, os.path.dirname(TESTS_DIR), os.environ.get("PYTHONPATH", "")]
+    folders = [os.path.join(TESTS_DIR, d) for d in ("unit", "cluster", "store")]
+    paths = [TESTS_DIR, *folders, os.path.dirname(TESTS_DIR), os.environ.get("PYTHONPATH", "")]
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     if not ray.is_initialized():
         pd.ensure_ray(num_cpus=2)

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from persistroids_dist import codec
 from persistroids_dist.codec import (
     NUM_SLOTS,
     _reference_packb,
@@ -329,5 +330,4 @@ def test_codec_works_without_numpy_and_never_imports_it():
     assert out.stdout.strip() == "ok"
 
 
-_CODEC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "persistroids_dist", "codec.py")
+_CODEC_PATH = os.path.join(os.path.dirname(os.path.abspath(codec.__file__)), "codec.py")

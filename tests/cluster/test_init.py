@@ -20,7 +20,7 @@ import persistroids_dist as pd
 from persistroids_dist.control import _init_options
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_DIR = os.path.dirname(TESTS_DIR)
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(pd.__file__)))
 
 
 class FlakyMemory(MemoryConnector):

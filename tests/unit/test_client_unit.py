@@ -12,13 +12,14 @@ import uuid
 import pytest
 from persistroids_dist.connectors.memory import MemoryConnector
 
+import persistroids_dist
 from persistroids_dist import WriteError
 from persistroids_dist.client import Cache
 from persistroids_dist.codec import encode_key
 from persistroids_dist.host import ShardHost
 
 SECRET = b"u" * 32
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(persistroids_dist.__file__)))
 
 
 class PickyConnector(MemoryConnector):
@@ -102,7 +103,7 @@ def test_queued_writes_go_out_within_the_linger_window_even_from_a_busy_writer(h
     n = 400
     out = subprocess.run(
         [sys.executable, "-c", WRITER, host.address()["unix"], SECRET.hex(), str(n)],
-        capture_output=True, text=True, timeout=120, cwd=os.path.dirname(TESTS_DIR))
+        capture_output=True, text=True, timeout=120, cwd=REPO_DIR)
     assert out.returncode == 0, out.stderr
     old = int(out.stdout.strip())
     assert old > n // 2  # the loop ran long enough for the check to mean something
