@@ -15,16 +15,16 @@ Redis keys get the run's unique prefix and are deleted at the end.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
+from benchmarks.harness import Ctx, Row, case, med, pc, rounds
 from persistroids_dist.codec import decode_value, encode_key, encode_value
 
 
-def k1_tuple_keys(ctx: Any, row: Callable[..., Any]) -> None:
-    """Append K1's rows to ``ctx.rows``; ``row`` is the runner's ``Row`` class."""
+@case("K1")
+def k1_tuple_keys(ctx: Ctx) -> None:
+    """Tuple keys against string keys and Redis MGET, 1,000 keys per batch, GC on."""
     cache = ctx.shared_cache()
     size = 1000
     reps = ctx.pick(100, 30)
@@ -52,13 +52,7 @@ def k1_tuple_keys(ctx: Any, row: Callable[..., Any]) -> None:
             for fn in ops.values():
                 fn()
         rate: dict[str, list[float]] = {name: [] for name in ops}
-        pc = time.perf_counter
-        start = pc()
-        for rnd in range(n_rounds):
-            if rnd and pc() - start > ctx.budget_s:
-                print(f"    (budget of {ctx.budget_s:.0f}s spent: {rnd} of {n_rounds} rounds)",
-                      flush=True)
-                break
+        for _ in rounds(ctx, n_rounds):
             spent = dict.fromkeys(ops, 0.0)
             for _ in range(reps):  # GC stays on: no gc.disable() here
                 for name, fn in ops.items():
@@ -72,19 +66,19 @@ def k1_tuple_keys(ctx: Any, row: Callable[..., Any]) -> None:
               and [decode_value(v) for v in r.mget(rkeys)] == list(range(size)))
     finally:
         r.delete(*rkeys)
-    m = {name: statistics.median(v) for name, v in rate.items()}
+    m = {name: med(v) for name, v in rate.items()}
     ctx.details["K1"] = {"keys_per_s": rate, "median_keys_per_s": m, "batches_per_round": reps,
                          "gc": "on", "values_ok": ok}
     checked = "values read back " + ("exact" if ok else "WRONG")
     note = f"GC on; {reps} batches of {size:,}/round, interleaved; {checked}"
     for op in ("read_many", "write_many"):
         ours, anchor = m[f"{op} tuple"], m[f"{op} str"]
-        ctx.rows.append(row("K1", f"{op} 1k tuple keys (keys/s)", f"{op} 1k str keys",
+        ctx.rows.append(Row("K1", f"{op} 1k tuple keys (keys/s)", f"{op} 1k str keys",
                             anchor, ours, "/s", ">= 0.8x", ours / anchor >= 0.8, note))
     ours, anchor = m["read_many tuple"], m["mget"]
-    ctx.rows.append(row("K1", "read_many 1k tuple keys (keys/s)", "Redis MGET 1k keys",
+    ctx.rows.append(Row("K1", "read_many 1k tuple keys (keys/s)", "Redis MGET 1k keys",
                         anchor, ours, "/s", ">= 1.5x", ours / anchor >= 1.5,
                         f"{note}; str keys: {m['read_many str'] / anchor:.2f}x MGET"))
-    ctx.rows.append(row("K1", "encode_key, tuple keys (keys/s)", "encode_key, str keys",
+    ctx.rows.append(Row("K1", "encode_key, tuple keys (keys/s)", "encode_key, str keys",
                         m["encode_key str"], m["encode_key tuple"], "/s", "-", None,
                         "in-process, no I/O; reported, no target"))
