@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ray import cloudpickle  # the serializer only: no Ray calls on the data path
 
 from . import control, protocol
-from .codec import decode_value, encode_key, encode_value, slot_of
+from .codec import NUM_SLOTS, decode_value, encode_key, encode_value, slot_of
 from .errors import CacheClosedError, ShardUnavailableError, WriteError
 from .lease import Lease
 from .near import NO_VALUE, NearCache
@@ -150,6 +151,8 @@ class Cache:
 
     def read_many(self, args_list: Iterable[Any]) -> list[Any]:
         """Read many keys with one round trip per shard (all shards in parallel)."""
+        if self._cache_key is None and self._near is None and not self._pool.leases.owned:
+            return self._read_many_plain(args_list)
         groups: dict[int, tuple[list[int], list[bytes], list[bytes | None]]] = {}
         n = 0
         near = self._near
@@ -186,6 +189,28 @@ class Cache:
                 out[i] = value = decode_value(vb)
                 if near is not None:
                     near.put(kbs[j], vb, value, sent)
+        return out
+
+    def _read_many_plain(self, args_list: Iterable[Any]) -> list[Any]:
+        """``read_many``'s common case, kept lean (it runs once per key): the keys are the
+        args, no near cache, no key leased here (a lease taken meanwhile is recalled by its
+        shard, so the answer is still current)."""
+        table, crc32 = self._table, zlib.crc32
+        idxs: list[list[int]] = [[] for _ in range(self.num_shards)]
+        kbss: list[list[bytes]] = [[] for _ in range(self.num_shards)]
+        count = 0
+        for i, args in enumerate(args_list):
+            kb = encode_key(args)
+            s = table[crc32(kb) % NUM_SLOTS]  # codec.slot_of, inlined
+            idxs[s].append(i)
+            kbss[s].append(kb)
+            count = i + 1
+        out: list[Any] = [None] * count
+        frames = {s: protocol.read_many(kbs, None) for s, kbs in enumerate(kbss) if kbs}
+        if frames:
+            for s, res in self._scatter(frames).items():
+                for i, vb in zip(idxs[s], res):
+                    out[i] = decode_value(vb)
         return out
 
     def _scatter(self, frames: dict[int, bytes]) -> dict[int, Any]:
