@@ -206,11 +206,11 @@ class Cache:
             kbss[s].append(kb)
             count = i + 1
         out: list[Any] = [None] * count
-        frames = {s: protocol.read_many(kbs, None) for s, kbs in enumerate(kbss) if kbs}
+        frames = {s: protocol.read_many_values(kbs) for s, kbs in enumerate(kbss) if kbs}
         if frames:
-            for s, res in self._scatter(frames).items():
-                for i, vb in zip(idxs[s], res):
-                    out[i] = decode_value(vb)
+            for s, values in self._scatter(frames).items():  # decoded with the frame
+                for i, value in zip(idxs[s], values):
+                    out[i] = value
         return out
 
     def _scatter(self, frames: dict[int, bytes]) -> dict[int, Any]:

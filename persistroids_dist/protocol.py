@@ -37,6 +37,7 @@ class Op:
     GET = 13  # [kb, ab] -> vb | None (None: stored nowhere)
     INVALIDATE = 14  # [kb] -> was cached
     INVALIDATE_ALL = 15  # [] -> entries dropped
+    READ_MANY_VALUES = 16  # [kbs] -> [value, ...] inline (decoded with the answer)
 
 
 def read(kb: bytes, ab: bytes | None, checkpoint: bytes | None = None) -> bytes:
@@ -47,6 +48,19 @@ def read(kb: bytes, ab: bytes | None, checkpoint: bytes | None = None) -> bytes:
 
 def read_many(kbs: Sequence[bytes], abs_: Sequence[bytes | None] | None) -> bytes:
     return _packb([Op.READ_MANY, kbs, abs_])
+
+
+def read_many_values(kbs: Sequence[bytes]) -> bytes:
+    return _packb([Op.READ_MANY_VALUES, kbs])
+
+
+def array_header(n: int) -> bytes:
+    """The msgpack header of an array of ``n`` items."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
 
 
 def write(kb: bytes, ab: bytes | None, vb: bytes, checkpoint: bytes | None = None,

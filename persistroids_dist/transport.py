@@ -28,6 +28,7 @@ from typing import Any
 import msgpack
 
 from . import protocol
+from .codec import _ext_hook
 from .errors import AuthenticationError, RemoteError
 from .protocol import Op
 
@@ -50,7 +51,17 @@ def _mac(secret: bytes, *parts: bytes) -> bytes:
 
 
 def _unpacker() -> msgpack.Unpacker:
-    return msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=1 << 31)
+    # ext_hook: answers may carry values inline (see Packed), tuples included.
+    return msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=1 << 31,
+                            ext_hook=_ext_hook)
+
+
+class Packed(bytes):
+    """A handler's result that is msgpack already: the server sends it without packing it
+    again, and the client's unpacker decodes it with the frame (no per-value decode)."""
+
+
+_OK_HEADER = msgpack.packb([0, None])[:2]  # the array header and status of a ``[0, result]``
 
 
 def _recv_obj(sock: socket.socket, unpacker: msgpack.Unpacker) -> Any:
@@ -328,7 +339,11 @@ class ShardServer:
                     # Answer every complete request received so far with one send.
                     for req in unpacker:
                         try:
-                            out.append(packb([0, handlers[req[0]](*req[1:])]))
+                            result = handlers[req[0]](*req[1:])
+                            if type(result) is Packed:  # already msgpack: sent as it is
+                                out.append(_OK_HEADER + result)
+                            else:
+                                out.append(packb([0, result]))
                         except Exception as e:  # the client re-raises it
                             out.append(packb([1, encode_error(e)]))
                     sock.sendall(b"".join(out))
