@@ -9,11 +9,10 @@ from __future__ import annotations
 import os
 import sqlite3
 
-from persistroids_dist.connectors.postgres import PostgresConnector
-
 import persistroids_dist as pd
 from benchmarks.harness import Ctx, Row, case, med, no_gc, pc, pg_connect, rounds, zero
 from persistroids_dist.codec import decode_value, encode_value
+from persistroids_dist.connectors.postgres import PostgresConnector
 
 
 @case("B1")

@@ -7,11 +7,10 @@ import os
 import sqlite3
 from typing import Any
 
-from persistroids_dist.connectors.postgres import PostgresConnector
-from persistroids_dist.connectors.sqlite import SQLiteConnector
-
 from benchmarks.harness import Ctx, Row, case, med, no_gc, pc, pg_connect, rounds
 from persistroids_dist.codec import encode_key, encode_value
+from persistroids_dist.connectors.postgres import PostgresConnector
+from persistroids_dist.connectors.sqlite import SQLiteConnector
 from persistroids_dist.shard import ShardCore
 
 

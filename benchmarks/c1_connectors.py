@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from persistroids_dist.connectors.postgres import PostgresConnector
-from persistroids_dist.connectors.sqlite import SQLiteConnector
 
 from benchmarks.harness import Ctx, Row, case, fmt, med, no_gc, pc, pg_connect, rounds
 from persistroids_dist.codec import decode_value, encode_key, encode_value
+from persistroids_dist.connectors.postgres import PostgresConnector
+from persistroids_dist.connectors.sqlite import SQLiteConnector
 from persistroids_dist.shard import ShardCore
 
 
@@ -36,6 +36,7 @@ class _C1Store:
 
 def _c1_stores(ctx: Ctx, admin: psycopg.Connection[Any]) -> list[_C1Store]:
     import pyarrow.parquet as pq
+
     from persistroids_dist.connectors.files import FileConnector
     from persistroids_dist.connectors.memory import MemoryConnector
     from persistroids_dist.connectors.parquet import ParquetConnector

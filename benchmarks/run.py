@@ -48,10 +48,6 @@ import uuid
 from dataclasses import asdict
 
 import ray
-from persistroids_dist.connectors.postgres import DEFAULT_DSN as PG_DEFAULT_DSN
-from persistroids_dist.connectors.postgres import ENV_DSN as PG_ENV_DSN
-from persistroids_dist.connectors.redis import DEFAULT_URL as REDIS_DEFAULT_URL
-from persistroids_dist.connectors.redis import ENV_URL as REDIS_ENV_URL
 
 import persistroids_dist as pd
 from benchmarks import (  # noqa: F401  (importing a case module registers its case, in this order)
@@ -66,6 +62,10 @@ from benchmarks import (  # noqa: F401  (importing a case module registers its c
     k1_keys,
 )
 from benchmarks.harness import CASES, Ctx, Row, cleanup, machine, markdown_report, pc, table_lines
+from persistroids_dist.connectors.postgres import DEFAULT_DSN as PG_DEFAULT_DSN
+from persistroids_dist.connectors.postgres import ENV_DSN as PG_ENV_DSN
+from persistroids_dist.connectors.redis import DEFAULT_URL as REDIS_DEFAULT_URL
+from persistroids_dist.connectors.redis import ENV_URL as REDIS_ENV_URL
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,12 +10,12 @@ import uuid
 import numpy as np
 import pytest
 import ray
-from persistroids_dist.connectors.redis import RedisConnector
-from persistroids_dist.connectors.sqlite import SQLiteConnector
-from persistroids_dist.connectors.testing import require_service
 
 import persistroids_dist as pd
 from persistroids_dist.codec import encode_value
+from persistroids_dist.connectors.redis import RedisConnector
+from persistroids_dist.connectors.sqlite import SQLiteConnector
+from persistroids_dist.connectors.testing import require_service
 
 
 def rows(db) -> dict:

@@ -8,6 +8,7 @@ import itertools
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
+
 from persistroids_dist.connectors.sqlite import SQLiteConnector
 
 KEYS = st.sampled_from(["a", "b", "c", ("t", 1), 7, b"raw", "d", "e", "f", "g"])

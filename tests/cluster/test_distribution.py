@@ -10,10 +10,10 @@ import time
 import msgpack
 import pytest
 import ray
-from persistroids_dist.connectors.sqlite import SQLiteConnector
 
 import persistroids_dist as pd
 from persistroids_dist.client import NAMESPACE
+from persistroids_dist.connectors.sqlite import SQLiteConnector
 from persistroids_dist.transport import Connection
 
 

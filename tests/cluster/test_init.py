@@ -14,9 +14,9 @@ import time
 
 import pytest
 import ray
-from persistroids_dist.connectors.memory import MemoryConnector
 
 import persistroids_dist as pd
+from persistroids_dist.connectors.memory import MemoryConnector
 from persistroids_dist.control import _init_options
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))

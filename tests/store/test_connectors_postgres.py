@@ -10,6 +10,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
 from persistroids_dist.connectors.postgres import (
     DEFAULT_DSN,
     ENV_DSN,
@@ -23,9 +26,6 @@ from persistroids_dist.connectors.testing import (
     TcpProxy,
     require_service,
 )
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
 from persistroids_dist.shard import ShardCore
 
 DSN = os.environ.get(ENV_DSN) or DEFAULT_DSN

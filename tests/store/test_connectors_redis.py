@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
+
+from persistroids_dist.codec import encode_value
 from persistroids_dist.connectors.redis import (
     DEFAULT_URL,
     ENV_URL,
@@ -24,8 +26,6 @@ from persistroids_dist.connectors.testing import (
     TcpProxy,
     require_service,
 )
-
-from persistroids_dist.codec import encode_value
 
 URL = os.environ.get(ENV_URL) or DEFAULT_URL
 _parts = urlsplit(URL)

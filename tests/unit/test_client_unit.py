@@ -10,12 +10,12 @@ import time
 import uuid
 
 import pytest
-from persistroids_dist.connectors.memory import MemoryConnector
 
 import persistroids_dist
 from persistroids_dist import WriteError
 from persistroids_dist.client import Cache
 from persistroids_dist.codec import encode_key
+from persistroids_dist.connectors.memory import MemoryConnector
 from persistroids_dist.host import ShardHost
 
 SECRET = b"u" * 32

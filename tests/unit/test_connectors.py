@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from persistroids_dist.codec import decode_value, encode_value
 from persistroids_dist.connectors.memory import MemoryConnector
 from persistroids_dist.connectors.sqlite import SQLiteConnector
 from persistroids_dist.connectors.testing import ConnectorContract, Outage, require_service
-
-from persistroids_dist.codec import decode_value, encode_value
 from persistroids_dist.shard import ShardCore
 
 

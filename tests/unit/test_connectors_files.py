@@ -10,11 +10,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+
+from persistroids_dist.codec import encode_key
 from persistroids_dist.connectors.files import FileConnector
 from persistroids_dist.connectors.parquet import ParquetConnector
 from persistroids_dist.connectors.testing import ConnectorContract, Outage
-
-from persistroids_dist.codec import encode_key
 from persistroids_dist.shard import ShardCore
 
 

@@ -7,11 +7,11 @@ import threading
 
 import msgpack
 import pytest
-from persistroids_dist.connectors.memory import MemoryConnector
 
 from persistroids_dist import LeaseLostError
 from persistroids_dist.client import Cache
 from persistroids_dist.codec import decode_value, encode_key, encode_value
+from persistroids_dist.connectors.memory import MemoryConnector
 from persistroids_dist.host import ShardHost
 from persistroids_dist.pool import Pool
 from persistroids_dist.transport import Connection, Op

@@ -6,12 +6,12 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from persistroids_dist.connectors.memory import MemoryConnector
 
 from persistroids_dist import StoreDataError
 from persistroids_dist.client import Cache
 from persistroids_dist.codec import encode_key, encode_value
 from persistroids_dist.connector import BaseConnector
+from persistroids_dist.connectors.memory import MemoryConnector
 from persistroids_dist.host import ShardHost
 from persistroids_dist.shard import ShardCore
 

@@ -10,10 +10,10 @@ import tracemalloc
 
 import msgpack
 import pytest
-from persistroids_dist.connectors.memory import MemoryConnector
 
 from persistroids_dist import AuthenticationError
 from persistroids_dist.codec import decode_value, encode_key, encode_value
+from persistroids_dist.connectors.memory import MemoryConnector
 from persistroids_dist.host import ShardHost
 from persistroids_dist.transport import Connection, Op, ShardServer, _mac, _recv_obj
 
