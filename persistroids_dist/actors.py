@@ -10,7 +10,7 @@ from typing import Any
 
 import ray
 
-from .errors import ShardUnavailableError, ShutdownError
+from .errors import PicklingRefusedError, ShardUnavailableError, ShutdownError
 from .host import ShardHost, _unpickle_checkpoint
 
 __all__ = ["Coordinator", "ShardActor", "wait_ready"]
@@ -39,8 +39,12 @@ class Coordinator:
         """Flush every shard in parallel; then run the checkpoint handler if one was given.
 
         Returns the handler's result when a checkpoint ran, else the number of keys flushed;
-        None when nothing was pending (the seed's flush-now contract).
+        None when nothing was pending (the seed's flush-now contract). A cache made with
+        allow_pickle=False refuses a checkpoint state (a pickle), before flushing anything.
         """
+        if checkpoint_blob and not self._spec.get("allow_pickle", True):
+            raise PicklingRefusedError("this cache was made with allow_pickle=False: a "
+                                       "checkpoint state (a pickle) is refused, never unpickled")
         flushed = sum(ray.get([s.flush.remote() for s in self._shards]))
         if flushed == 0:
             return None

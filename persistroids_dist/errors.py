@@ -15,6 +15,7 @@ __all__ = [
     "FlushError",
     "LeaseLostError",
     "PersistroidsError",
+    "PicklingRefusedError",
     "RemoteError",
     "ShardUnavailableError",
     "ShutdownError",
@@ -68,6 +69,13 @@ class RemoteError(PersistroidsError):
 
 class AuthenticationError(PersistroidsError, PermissionError):
     """A peer did not prove the cache's secret."""
+
+
+class PicklingRefusedError(PersistroidsError, PermissionError):
+    """The cache was made with ``init(..., allow_pickle=False)``: a pickled ``update``
+    function or checkpoint state is refused, never unpickled (the client refuses it before
+    sending; a shard refuses one sent anyway). Register update functions by name with
+    ``init(..., functions={name: fn})`` and call ``update(args, name)``."""
 
 
 class LeaseLostError(PersistroidsError):

@@ -4,7 +4,9 @@ A request is one msgpack array ``[op, *args]``; the shard answers ``[0, result]`
 ``[1, pickled exception]``, in request order (``transport`` frames and authenticates; the
 shard's handlers, in ``host.ShardHost``, take the arguments listed here). Keys travel as
 canonical key bytes ``kb``, read arguments as ``ab`` (msgpack bytes of the args, None when
-they are the key itself), values as msgpack bytes ``vb``.
+they are the key itself), values as msgpack bytes ``vb``. A request carries a pickle only
+in UPDATE's function and in the checkpoint state of READ, WRITE and WRITE_MANY; a shard of a
+cache made with ``allow_pickle=False`` refuses those, unread (UPDATE_NAMED carries a name).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Op:
     INVALIDATE = 14  # [kb] -> was cached
     INVALIDATE_ALL = 15  # [] -> entries dropped
     READ_MANY_VALUES = 16  # [kbs] -> [value, ...] inline (decoded with the answer)
+    UPDATE_NAMED = 17  # [kb, ab, name] -> new vb (a function registered at init, by name)
 
 
 def read(kb: bytes, ab: bytes | None, checkpoint: bytes | None = None) -> bytes:
@@ -76,6 +79,12 @@ def write_many(items: Sequence[Sequence[Any]]) -> bytes:
 def update(kb: bytes, ab: bytes | None, digest: bytes, fn_blob: bytes | None) -> bytes:
     """``fn_blob`` only the first time this connection uses the function ``digest``."""
     return _packb([Op.UPDATE, kb, ab, digest, fn_blob])
+
+
+def update_named(kb: bytes, ab: bytes | None, name: str) -> bytes:
+    """An update by the function registered as ``name`` at ``init(..., functions=...)``:
+    nothing pickled travels (the only update a cache made with allow_pickle=False takes)."""
+    return _packb([Op.UPDATE_NAMED, kb, ab, name])
 
 
 def delete(kb: bytes, ab: bytes | None) -> bytes:
