@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -11,6 +13,7 @@ from .client import Cache
 from .connector import Connector
 from .control import ensure_ray
 from .errors import CacheNotFoundError
+from .journal import FSYNC_MODES
 
 __all__ = ["connect", "ensure_ray", "init"]
 
@@ -24,6 +27,25 @@ def _check_connector(conn: Any, i: int) -> None:
 def _check_fn(name: str, fn: Any) -> None:
     if fn is not None and not callable(fn):
         raise TypeError(f"{name} must be callable or None, got {type(fn).__qualname__}")
+
+
+def _check_functions(functions: Any) -> dict[str, Callable[[Any], Any]]:
+    """``init``'s ``functions``, checked: a dict of non-empty names to callables."""
+    if functions is None:
+        return {}
+    if not isinstance(functions, dict):
+        raise TypeError("functions must be a dict of name -> update function, got "
+                        f"{type(functions).__qualname__}")
+    for fname, fn in functions.items():
+        if not isinstance(fname, str):
+            raise TypeError(f"functions: every name must be a str, got {fname!r} "
+                            f"({type(fname).__qualname__})")
+        if not fname:
+            raise ValueError("functions: a name must not be empty")
+        if not callable(fn):
+            raise TypeError(f"functions[{fname!r}] must be callable, got "
+                            f"{type(fn).__qualname__}")
+    return dict(functions)
 
 
 def init(
@@ -40,10 +62,14 @@ def init(
     max_entries: int = 1_000_000,
     max_bytes: int | None = None,
     ttl_s: float | None = None,
+    journal: str | os.PathLike[str] | bool = True,
+    fsync: str = "interval",
     detached: bool = False,
     shard_options: dict[str, Any] | None = None,
     get_if_exists: bool = False,
     address: str | None = None,
+    allow_pickle: bool = True,
+    functions: dict[str, Callable[[Any], Any]] | None = None,
 ) -> Cache:
     """Start a cache of ``num_shards`` shard actors and return its handle.
 
@@ -61,6 +87,12 @@ def init(
     that expires keys itself (``RedisConnector(ttl_s=...)``) makes this at most its own.
     ``name``: lets other drivers ``connect(name)``; ``detached`` keeps the cache alive after
     the driver that created it exits (else it ends with that driver).
+    ``journal``: every shard appends each buffered write to a journal before acknowledging
+    it, and replays it when Ray restarts the shard (shards restart by default) or a later
+    ``init`` uses the same name: True (default) keeps it in a per-cache folder (see
+    ``journal_directory``), a path puts it there, False turns it off. ``fsync``: when the
+    journal reaches the disk: "always" (before every acknowledgement), "interval" (every
+    ~100 ms, the default) or "off" (when the OS decides); a SIGKILL loses nothing in any mode.
     ``get_if_exists``: with ``name``, return the running cache of that name if there is one
     (the other arguments are then ignored), so re-running a notebook cell is harmless;
     without it, an existing name raises ValueError.
@@ -68,6 +100,11 @@ def init(
     ``address``: the Ray cluster to use if Ray is not initialized (see ``ensure_ray``):
     by default RAY_ADDRESS, else the running ``ray start`` cluster, else a small local one;
     ``"local"`` always starts a private one.
+    ``functions``: update functions by name, shipped to the shards once, through Ray (like
+    the connectors): ``update(args, "name")`` runs ``functions["name"]``.
+    ``allow_pickle=False``: the shards unpickle nothing sent over their sockets: ``update``
+    takes only a registered name (not a function) and ``checkpoint=`` is refused, both with
+    PicklingRefusedError (see the README's "Trust model").
     """
     if connectors is None:
         from .connectors.memory import MemoryConnector
@@ -81,6 +118,9 @@ def init(
     for fname, fn in (("init_fn", init_fn), ("merge_query_fn", merge_query_fn),
                       ("cache_key", cache_key), ("checkpoint_handler", checkpoint_handler)):
         _check_fn(fname, fn)
+    functions = _check_functions(functions)
+    if not isinstance(allow_pickle, bool):
+        raise TypeError(f"allow_pickle must be True or False, got {allow_pickle!r}")
     if not isinstance(num_shards, int) or num_shards < 1:
         raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
     if not isinstance(writes_threshold, int) or writes_threshold < 0:
@@ -96,6 +136,10 @@ def init(
     if ttl_s is not None and (isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float))
                               or not ttl_s > 0):
         raise ValueError(f"ttl_s must be a number of seconds > 0 or None, got {ttl_s!r}")
+    if not isinstance(journal, (bool, str, os.PathLike)):
+        raise TypeError(f"journal must be True, False or a directory, got {journal!r}")
+    if fsync not in FSYNC_MODES:
+        raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, got {fsync!r}")
     if get_if_exists and name is None:
         raise ValueError("get_if_exists=True needs a name: only a named cache can be found")
 
@@ -110,10 +154,29 @@ def init(
     options = dict(init_fn=init_fn, merge_query_fn=merge_query_fn,
                    writes_threshold=writes_threshold, millis_threshold=millis_threshold,
                    max_entries=max_entries, max_bytes=max_bytes, ttl_s=ttl_s,
-                   checkpoint_handler=checkpoint_handler)
+                   checkpoint_handler=checkpoint_handler,
+                   allow_pickle=allow_pickle, functions=functions,
+                   journal=journal_directory(journal, name), fsync=fsync)
     return Cache(control.start_cache(
         name, num_shards, connectors, options, cache_key=cache_key,
         checkpoint_handler=checkpoint_handler, detached=detached, shard_options=shard_options))
+
+
+def journal_directory(journal: str | os.PathLike[str] | bool, name: str) -> str | None:
+    """Where the shards of cache ``name`` journal (each in ``shard<i>`` below it), or None.
+
+    ``True``: ``$PERSISTROIDS_JOURNAL_DIR/<name>``, else ``<tmp>/persistroids-<uid>/journal/
+    <name>``. A directory: ``<directory>/<name>``. The same name finds the same journal, so
+    a shard restarted by Ray, or a later ``init`` with that name, recovers what it holds.
+    """
+    if journal is False:
+        return None
+    if journal is True:
+        root = os.environ.get("PERSISTROIDS_JOURNAL_DIR") or os.path.join(
+            tempfile.gettempdir(), f"persistroids-{os.getuid()}", "journal")
+    else:
+        root = os.fspath(journal)
+    return os.path.join(os.path.abspath(root), name)
 
 
 def connect(name: str, *, address: str | None = None) -> Cache:

@@ -18,7 +18,7 @@ from ray import cloudpickle  # the serializer only: no Ray calls on the data pat
 
 from . import control, protocol
 from .codec import NUM_SLOTS, decode_value, encode_key, encode_value, slot_of
-from .errors import CacheClosedError, ShardUnavailableError, WriteError
+from .errors import CacheClosedError, PicklingRefusedError, ShardUnavailableError, WriteError
 from .lease import Lease
 from .near import NO_VALUE, NearCache
 from .pool import LINGER, pool_for, slot_table
@@ -126,6 +126,8 @@ class Cache:
     def read(self, args: Any, *, checkpoint: Any = _NO_CHECKPOINT) -> Any:
         """Return the value for ``args``: from the cache, else the stores (merged), else
         ``init_fn(args)``. A cached None is a hit."""
+        if checkpoint is not _NO_CHECKPOINT and not self._spec.allow_pickle:
+            raise self._refused("checkpoint=")
         kb, ab = self._encode(args)
         leases = self._pool.leases
         if leases.wanted:
@@ -226,6 +228,8 @@ class Cache:
         once expired, a read asks the stores again. Raises TypeError at once, sending
         nothing, if the key or value cannot be encoded.
         """
+        if checkpoint is not _NO_CHECKPOINT and not self._spec.allow_pickle:
+            raise self._refused("checkpoint=")
         kb, ab = self._encode(args)
         vb = encode_value(value)
         pool = self._pool
@@ -357,34 +361,48 @@ class Cache:
         frames = dict.fromkeys(range(self.num_shards), protocol.INVALIDATE_ALL)
         return sum(self._scatter(frames).values())
 
-    def update(self, args: Any, fn: Callable[[Any], Any], *, wait: bool = True) -> Any:
+    def update(self, args: Any, fn: Callable[[Any], Any] | str, *, wait: bool = True) -> Any:
         """Atomically set the value of ``args`` to ``fn(value)`` inside the owning shard and
-        return the new value. ``fn`` is shipped once per process and shard, then reused.
+        return the new value. ``fn`` is shipped (pickled) once per process and shard, then
+        reused; or it is the name of a function registered with ``init(..., functions=...)``
+        (nothing pickled is sent: the only kind a cache made with ``allow_pickle=False``
+        takes). A name the shards do not know raises LookupError listing those they know.
 
         ``wait=False`` pipelines the update like ``write`` and returns None: no round trip per
         call; ``sync()`` waits for it and raises an error ``fn`` raised.
         """
         kb, ab = self._encode(args)
         pool = self._pool
-        if not callable(fn):
-            raise TypeError(f"update needs a callable, got {type(fn).__qualname__}")
-        if pool.leases.wanted:
+        name = None
+        if isinstance(fn, str):  # a registered function; run here only on a leased key
+            name, fn = fn, self._spec.functions.get(fn)
+        elif not callable(fn):
+            raise TypeError("update needs a callable or the name of a function registered "
+                            f"with init(..., functions=...), got {type(fn).__qualname__}")
+        elif not self._spec.allow_pickle:
+            raise self._refused("update with a function")
+        if pool.leases.wanted and fn is not None:
             done, value = pool.leases.update_local(kb, fn)
             if done:
                 return value if wait else None
         shard = self._table[slot_of(kb)]
-        digest, blob = self._function(fn)
+        if name is None:
+            digest, blob = self._function(fn)
         conn = pool.conn(shard)
         sent = _monotonic()
         try:
             with conn.lock:
-                frame = protocol.update(kb, ab, digest,
-                                        None if digest in conn.known_functions else blob)
+                if name is not None:
+                    frame = protocol.update_named(kb, ab, name)
+                else:
+                    frame = protocol.update(kb, ab, digest,
+                                            None if digest in conn.known_functions else blob)
                 if wait:
                     vb = conn.call(frame)
                 else:
                     conn.send(frame)  # later frames on this connection find fn registered
-                conn.known_functions.add(digest)
+                if name is None:
+                    conn.known_functions.add(digest)
         except (ConnectionError, OSError) as e:
             raise self._lost(shard, e) from e
         if not wait:
@@ -408,6 +426,15 @@ class Cache:
         unreleased writes are refused with LeaseLostError (raised at release or ``sync``).
         """
         return Lease(self._pool.leases, [self._encode(a) for a in args_list], ttl_ms)
+
+    def _refused(self, what: str) -> PicklingRefusedError:
+        """The error for ``what``, which would travel as a pickle, on a cache made with
+        allow_pickle=False (raised before anything is sent)."""
+        hint = ("; register the function with init(..., functions={name: fn}) and call "
+                "update(args, name)" if what.startswith("update") else "")
+        return PicklingRefusedError(
+            f"cache {self.name!r} was made with allow_pickle=False: {what} would send a "
+            f"pickle, so it is refused and nothing was sent{hint}")
 
     def _function(self, fn: Callable[[Any], Any]) -> tuple[bytes, bytes]:
         hit = self._fns.get(id(fn))
@@ -434,6 +461,8 @@ class Cache:
         flushed and its result is returned. Returns None when nothing was pending. Raises
         FlushError if a store failed (its payloads stay buffered).
         """
+        if checkpoint is not _NO_CHECKPOINT and not self._spec.allow_pickle:
+            raise self._refused("checkpoint=")
         self.sync()
         blob = None if checkpoint is _NO_CHECKPOINT else cloudpickle.dumps(checkpoint)
         self._pool.leases.release_all()
@@ -466,7 +495,7 @@ def _check_ttl(ttl_s: Any) -> None:
         raise ValueError(f"ttl_s must be a number of seconds > 0 or None, got {ttl_s!r}")
 
 
-_TOTAL_SKIP = {"shard", "pid", "oldest_pending_ms", "last_errors"}
+_TOTAL_SKIP = {"shard", "pid", "oldest_pending_ms", "last_errors", "journal_path"}
 
 
 def aggregate(shards: Sequence[dict[str, Any]]) -> dict[str, Any]:

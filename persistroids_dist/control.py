@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 import warnings
 from typing import Any
 
@@ -201,7 +202,9 @@ def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict
     """Start the shard actors and the coordinator of a new cache; its spec. On any failure
     every actor started here is removed again."""
     secret = os.urandom(32)
-    actor_opts: dict[str, Any] = {"num_cpus": 0, "namespace": NAMESPACE}
+    # Shards restart after a crash (their journal brings back what they acknowledged),
+    # unless the caller's shard_options say otherwise.
+    actor_opts: dict[str, Any] = {"num_cpus": 0, "namespace": NAMESPACE, "max_restarts": -1}
     if detached:
         actor_opts["lifetime"] = "detached"
     actor_opts.update(shard_options or {})
@@ -213,7 +216,9 @@ def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict
                           .remote(i, connectors, options, secret))
         addresses = wait_ready([s.address.remote() for s in shards])
         spec = CacheSpec(name=name, secret=secret, num_shards=num_shards, shards=shards,
-                         addresses=addresses, cache_key=cache_key, detached=detached)
+                         addresses=addresses, cache_key=cache_key, detached=detached,
+                         allow_pickle=options.get("allow_pickle", True),
+                         functions=dict(options.get("functions") or {}))
         coord_opts = {"num_cpus": 0, "namespace": NAMESPACE, "name": _actor_name(name)}
         if detached:
             coord_opts["lifetime"] = "detached"
@@ -231,17 +236,34 @@ def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict
 
 
 def resolve_address(spec: CacheSpec, shard: int) -> dict[str, Any]:
-    """Where ``shard`` listens now (Ray may have restarted it with a new socket)."""
-    try:
-        return ray.get(spec.shards[shard].address.remote(), timeout=60)
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
-        if "owner has died" in str(e):  # only a non-detached cache's actors have an owner
-            why = ("the driver that created the cache exited, and a cache lives only as "
-                   "long as the driver (or task) that created it unless made with "
-                   "init(..., detached=True)")
-        else:
-            why = f"{type(e).__name__}; was the cache shut down?"
-        raise CacheClosedError(f"cache {spec.name!r}: shard {shard} is gone ({why})") from None
+    """Where ``shard`` listens now (Ray may have restarted it with a new socket). While Ray
+    restarts it, wait up to ``spec.shard_wait_s``, then raise ShardUnavailableError."""
+    deadline = time.monotonic() + spec.shard_wait_s
+    delay = 0.02
+    while True:
+        try:
+            return ray.get(spec.shards[shard].address.remote(),
+                           timeout=max(0.1, deadline - time.monotonic()))
+        except ray.exceptions.ActorUnavailableError:  # restarting: its journal replays
+            if time.monotonic() + delay > deadline:
+                raise ShardUnavailableError(
+                    f"cache {spec.name!r}: shard {shard} did not come back within "
+                    f"{spec.shard_wait_s:g} s (Ray is restarting it)") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        except ray.exceptions.GetTimeoutError:
+            raise ShardUnavailableError(
+                f"cache {spec.name!r}: shard {shard} did not answer within "
+                f"{spec.shard_wait_s:g} s") from None
+        except ray.exceptions.RayActorError as e:  # dead for good
+            if "owner has died" in str(e):  # only a non-detached cache's actors have one
+                why = ("the driver that created the cache exited, and a cache lives only as "
+                       "long as the driver (or task) that created it unless made with "
+                       "init(..., detached=True)")
+            else:
+                why = f"{type(e).__name__}; was the cache shut down?"
+            raise CacheClosedError(
+                f"cache {spec.name!r}: shard {shard} is gone ({why})") from None
 
 
 def flush_all(spec: CacheSpec, checkpoint_blob: bytes | None) -> Any:

@@ -17,7 +17,8 @@ from typing import Any
 
 from ray import cloudpickle
 
-from .errors import CacheClosedError, LeaseLostError
+from .errors import CacheClosedError, LeaseLostError, PicklingRefusedError
+from .journal import Journal
 from .protocol import Op, array_header
 from .shard import ShardCore
 from .transport import Packed, ShardServer
@@ -27,7 +28,10 @@ __all__ = ["Grant", "ShardHost"]
 log = logging.getLogger("persistroids_dist.host")
 
 
-def _unpickle_checkpoint(blob: bytes | None) -> Any:
+def _unpickle_checkpoint(blob: bytes | None, allow_pickle: bool = True) -> Any:
+    if blob and not allow_pickle:
+        raise PicklingRefusedError("this cache was made with allow_pickle=False: a checkpoint "
+                                   "state (a pickle) is refused, never unpickled")
     return cloudpickle.loads(blob) if blob else None
 
 
@@ -48,8 +52,26 @@ class ShardHost:
 
     def __init__(self, index: int, connectors: list[Any], options: dict[str, Any],
                  secret: bytes, tcp_host: str | None = None) -> None:
+        """``options``: ShardCore's, plus ``journal`` (a directory; None: no journal; each
+        shard journals in ``<journal>/shard<index>``) and ``fsync``."""
         self.index = index
-        self.core = ShardCore(connectors, index=index, **options)
+        options = dict(options)
+        journal_dir = options.pop("journal", None)
+        fsync = options.pop("fsync", "interval")
+        # allow_pickle=False: no pickled update function or checkpoint state is unpickled;
+        # updates run only the functions registered here by name (sent through Ray).
+        self.allow_pickle = bool(options.pop("allow_pickle", True))
+        self.functions: dict[str, Any] = dict(options.pop("functions", None) or {})
+        self.journal = (Journal(os.path.join(journal_dir, f"shard{index}"), fsync)
+                        if journal_dir else None)
+        self.core = ShardCore(connectors, index=index, journal=self.journal, **options)
+        if self.journal is not None:
+            # A restarted shard first applies what its previous run acknowledged and no
+            # flush stored; only then does it serve.
+            replayed = self.core.replay(self.journal.recovered())
+            if replayed:
+                log.warning("shard %d: replayed %d journaled write(s) from %s", index,
+                            replayed, self.journal.directory)
         self._dir = tempfile.mkdtemp(prefix="persistroids-")
         os.chmod(self._dir, 0o700)
         # Exclusive leases: key -> its current Grant. Guarded by the core's lock, so a lease
@@ -67,6 +89,7 @@ class ShardHost:
             Op.WRITE: self._write,
             Op.WRITE_MANY: self._write_many,
             Op.UPDATE: self._update,
+            Op.UPDATE_NAMED: self._update_named,
             Op.FLUSH: self.core.flush_count,
             Op.METRICS: self.metrics,
             Op.PING: lambda: self.index,
@@ -81,7 +104,8 @@ class ShardHost:
         }
         self.server = ShardServer(handlers, secret,
                                   unix_path=os.path.join(self._dir, f"shard{index}.sock"),
-                                  tcp_host=tcp_host)
+                                  tcp_host=tcp_host,
+                                  before_reply=self.journal.commit if self.journal else None)
         self._address = self.server.start()
         self._stop = threading.Event()
         # Ticks often enough that no write waits much longer than millis_threshold.
@@ -196,7 +220,8 @@ class ShardHost:
             if self._leases:
                 self._wait_unleased((kb,))
             if ckpt:
-                return self.core.read(kb, ab, checkpoint=_unpickle_checkpoint(ckpt))
+                return self.core.read(kb, ab, checkpoint=_unpickle_checkpoint(
+                    ckpt, self.allow_pickle))
             return self.core.read(kb, ab)
 
     def _read_many(self, kbs: list[bytes], abs_: list[bytes | None] | None) -> list[bytes]:
@@ -218,7 +243,8 @@ class ShardHost:
             if self._leases:
                 self._wait_unleased((kb,))
             if ckpt:
-                self.core.write(kb, ab, vb, checkpoint=_unpickle_checkpoint(ckpt), ttl_s=ttl_s)
+                self.core.write(kb, ab, vb, ttl_s=ttl_s,
+                                checkpoint=_unpickle_checkpoint(ckpt, self.allow_pickle))
             else:
                 self.core.write(kb, ab, vb, ttl_s=ttl_s)
 
@@ -247,16 +273,36 @@ class ShardHost:
             if self._leases:
                 self._wait_unleased([item[0] for item in items])
             if ckpt:
-                return self.core.write_many(items, checkpoint=_unpickle_checkpoint(ckpt))
+                return self.core.write_many(
+                    items, checkpoint=_unpickle_checkpoint(ckpt, self.allow_pickle))
             return self.core.write_many(items)
 
     def _update(self, kb: bytes, ab: bytes | None, digest: bytes, fn_blob: bytes | None) -> bytes:
+        if not self.allow_pickle:
+            raise PicklingRefusedError(
+                f"shard {self.index}: this cache was made with allow_pickle=False: an update "
+                "function sent as a pickle is refused, never unpickled; register it with "
+                "init(..., functions={name: fn}) and call update(args, name)")
         fn = self.core.function(digest)
         if fn is None:
             if fn_blob is None:
                 raise LookupError(f"unknown update function {digest.hex()}")
             fn = cloudpickle.loads(fn_blob)
             self.core.register_function(digest, fn)
+        with self._lease_cond:
+            self._refuse_if_closing()
+            if self._leases:
+                self._wait_unleased((kb,))
+            return self.core.update(kb, ab, fn)
+
+    def _update_named(self, kb: bytes, ab: bytes | None, name: str) -> bytes:
+        """``_update`` by a function registered at ``init(..., functions=...)``."""
+        fn = self.functions.get(name) if isinstance(name, str) else None
+        if fn is None:
+            known = ", ".join(map(repr, sorted(self.functions))) or \
+                "none (register them with init(..., functions={name: fn}))"
+            raise LookupError(f"shard {self.index}: no update function named {name!r}; "
+                              f"registered: {known}")
         with self._lease_cond:
             self._refuse_if_closing()
             if self._leases:
@@ -280,6 +326,9 @@ class ShardHost:
         m["auth_failures"] = self.server.auth_failures
         m["handshake_refused"] = self.server.handshake_refused
         m["connections"] = self.server.connections
+        if self.journal is not None:
+            m["journal_bytes"] = self.journal.bytes
+            m["journal_path"] = self.journal.directory
         return m
 
     def close(self, disconnect: bool = False) -> dict[str, Any]:
@@ -295,6 +344,8 @@ class ShardHost:
             raise
         self._stop.set()
         self.server.close()
+        if self.journal is not None:  # everything journaled is stored now
+            self.journal.close(remove=True)
         try:
             os.rmdir(self._dir)
         except OSError:

@@ -31,6 +31,7 @@ from .connector import (
     writer,
 )
 from .errors import FlushError, StoreDataError, WriteError
+from .journal import DELETE, WRITE, Journal
 
 __all__ = ["ShardCore", "default_merge"]
 
@@ -89,6 +90,7 @@ class ShardCore:
         max_bytes: int | None = None,
         checkpoint_handler: Callable[[Any], Any] | None = None,
         ttl_s: float | None = None,
+        journal: Journal | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         ids = [c.get_id() for c in connectors]
@@ -110,6 +112,9 @@ class ShardCore:
         self.checkpoint_handler = checkpoint_handler
         self._clock = clock
         self._lock = RLock()
+        # Every buffered write and delete is appended here before it is acknowledged (the
+        # host commits it before answering); a flush that stored everything trims it.
+        self.journal = journal
         self._loop: asyncio.AbstractEventLoop | None = None
 
         self._entries: OrderedDict[bytes, bytes] = OrderedDict()
@@ -133,7 +138,8 @@ class ShardCore:
         self.c: dict[str, int] = dict.fromkeys(
             ("lookup", "read", "write", "flush", "hits", "misses", "evictions", "updates",
              "flush_calls", "flush_errors", "read_errors", "write_errors", "checkpoints",
-             "checkpoint_errors", "over_capacity", "deletes", "expired"), 0)
+             "checkpoint_errors", "over_capacity", "deletes", "expired", "replayed",
+             "replay_errors"), 0)
         self.last_errors: dict[str, str] = {}
         for conn in self.connectors:
             self._call(conn.connect)
@@ -376,14 +382,15 @@ class ShardCore:
                 self.c["write_errors"] += 1
                 raise  # nothing of this write was cached or buffered
         self.c["write"] += 1
-        self._buffer(kb, payloads)
+        if self._buffer(kb, payloads) and self.journal is not None:
+            self.journal.append([WRITE, kb, ab, vb, ttl_s])
         self._put(kb, vb)
         self._absent.discard(kb)
         self._set_ttl(kb, ttl_s)
 
-    def _buffer(self, kb: bytes, payloads: list[Any]) -> None:
+    def _buffer(self, kb: bytes, payloads: list[Any]) -> bool:
         """Buffer one payload per connector for ``kb``, replacing an older one (a later
-        write or delete of a key wins over an earlier one)."""
+        write or delete of a key wins over an earlier one); whether any was buffered."""
         dirty = False
         for cid, payload in zip(self._ids, payloads):
             if payload is not None:
@@ -393,6 +400,7 @@ class ShardCore:
             if self._oldest_pending is None:
                 self._oldest_pending = self._clock()
             self._dirty.add(kb)
+        return dirty
 
     def _set_ttl(self, kb: bytes, ttl_s: float | None) -> None:
         ttl_s = self.ttl_s if ttl_s is None else ttl_s
@@ -453,7 +461,8 @@ class ShardCore:
                 self.c["write_errors"] += 1
                 raise  # nothing of this delete was cached or buffered
             self.c["deletes"] += 1
-            self._buffer(kb, payloads)
+            if self._buffer(kb, payloads) and self.journal is not None:
+                self.journal.append([DELETE, kb, ab])
             vb = _NONE if self.init_fn is None else encode_value(self.init_fn(args))
             self._put(kb, vb)
             self._absent.add(kb)
@@ -480,6 +489,29 @@ class ShardCore:
             self._expires.clear()
             self._bytes = 0
             return n
+
+    def replay(self, records: Iterable[Sequence[Any]]) -> int:
+        """Apply journal records a previous run of this shard left (its acknowledged writes
+        and deletes that no flush stored), without journaling them again; they are pending
+        afterwards, as they were. Returns how many were applied."""
+        n = 0
+        journal, self.journal = self.journal, None
+        try:
+            with self._lock:
+                for record in records:
+                    try:
+                        if record[0] == WRITE:
+                            self._write1(*record[1:])
+                        elif record[0] == DELETE:
+                            self.delete(*record[1:])
+                        n += 1
+                    except Exception as e:  # a connector refusing it now: say so, go on
+                        log.error("shard %d: journal record not replayed: %r", self.index, e)
+                        self.c["replay_errors"] += 1
+        finally:
+            self.journal = journal
+        self.c["replayed"] += n
+        return n
 
     def register_function(self, digest: bytes, fn: Callable[[Any], Any]) -> None:
         self._functions[digest] = fn
@@ -534,6 +566,8 @@ class ShardCore:
         oldest, self._oldest_pending = self._oldest_pending, None
         if not dirty:
             return 0
+        # Every journal record so far is in this snapshot (appends happen under this lock).
+        segment = self.journal.rotate() if self.journal is not None else None
         self.c["flush_calls"] += 1
         failed: dict[str, BaseException] = {}
         failed_keys: set[bytes] = set()
@@ -556,6 +590,8 @@ class ShardCore:
             return 0
         self._backoff = 0.0
         self._retry_at = 0.0
+        if segment is not None:
+            self.journal.release(segment)  # all of it is stored now
         if self.checkpoint_handler is not None and self._checkpoint is not _UNSET:
             try:
                 self.last_checkpoint_result = self.checkpoint_handler(self._checkpoint)

@@ -17,7 +17,9 @@ class CacheSpec:
     ``addresses``: per shard, where its socket listens (``{"host", "unix", "tcp"}``).
     ``shards`` and ``coordinator``: Ray actor handles (the control plane; None for a shard
     host run in-process). ``secret`` authenticates every connection and never shows in a
-    repr.
+    repr. ``allow_pickle``: whether the shards unpickle ``update`` functions and checkpoint
+    states sent to them (else the client refuses them before sending); ``functions``: the
+    update functions registered by name at ``init`` (run in-process on a leased key).
     """
 
     name: str
@@ -28,6 +30,9 @@ class CacheSpec:
     coordinator: Any = field(default=None, repr=False)
     cache_key: Callable[[Any], Any] | None = field(default=None, repr=False)
     detached: bool = False
+    shard_wait_s: float = 30.0  # how long a call waits for a restarting shard
+    allow_pickle: bool = True
+    functions: dict[str, Callable[[Any], Any]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, spec: CacheSpec | Mapping[str, Any]) -> CacheSpec:

@@ -120,8 +120,12 @@ class ShardServer:
     def __init__(self, handlers: dict[int, Callable[..., Any]], secret: bytes, *,
                  unix_path: str | None, tcp_host: str | None = None,
                  handshake_timeout: float = _HANDSHAKE_TIMEOUT,
-                 max_handshakes: int = _MAX_HANDSHAKES) -> None:
+                 max_handshakes: int = _MAX_HANDSHAKES,
+                 before_reply: Callable[[], None] | None = None) -> None:
         self.handlers = handlers
+        # Runs before the answers of a batch of requests are sent (the shard's journal
+        # commit: nothing is acknowledged before it is written).
+        self.before_reply = before_reply
         self.secret = secret
         self.unix_path = unix_path
         self.tcp_host = tcp_host
@@ -331,6 +335,7 @@ class ShardServer:
         unpacker = _unpacker()
         handlers = self.handlers
         packb = msgpack.packb
+        before_reply = self.before_reply
         try:
             while True:
                 if data:
@@ -346,6 +351,8 @@ class ShardServer:
                                 out.append(packb([0, result]))
                         except Exception as e:  # the client re-raises it
                             out.append(packb([1, encode_error(e)]))
+                    if before_reply is not None:
+                        before_reply()
                     sock.sendall(b"".join(out))
                 data = sock.recv(_RECV)
                 if not data:

@@ -1,0 +1,188 @@
+"""A shard's write-ahead journal: every buffered write and delete is appended before the
+shard acknowledges it, and a restarted shard replays it before it serves anything.
+
+Records are msgpack arrays appended to numbered segment files. A flush starts a new segment
+(``rotate``); once a flush wrote everything it took to every store, the segments before it
+hold nothing that is not stored, and go (``release``). So the journal holds at most what is
+pending, plus what arrived during the flush.
+
+Appends go to a buffer under the shard's lock; ``commit`` writes the buffer to the file
+before the shard sends the answers it covers (so a SIGKILL of the shard process loses no
+acknowledged write: the kernel has it). When it reaches the disk depends on ``fsync``:
+``"always"`` (before every answer), ``"interval"`` (every ``interval_s``, as Redis's
+``appendfsync everysec``), or ``"off"`` (when the OS decides).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+
+__all__ = ["FSYNC_MODES", "Journal"]
+
+log = logging.getLogger("persistroids_dist.journal")
+
+FSYNC_MODES = ("always", "interval", "off")
+_SEGMENT = re.compile(r"^(\d{8})\.journal$")
+
+# Record kinds.
+WRITE = 0  # [WRITE, kb, ab, vb, ttl_s]
+DELETE = 1  # [DELETE, kb, ab]
+
+
+class Journal:
+    """The journal of one shard, in ``directory`` (created if needed; one per shard)."""
+
+    def __init__(self, directory: str, fsync: str = "interval", interval_s: float = 0.1) -> None:
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {FSYNC_MODES}, got {fsync!r}")
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.directory = directory
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._buf = bytearray()
+        self._unsynced = False
+        self._closed = False
+        existing = self._segments()
+        self._first_new = (existing[-1] + 1) if existing else 0
+        self._seg = self._first_new
+        self._fd = self._open(self._seg)
+        self.appended = 0
+        self._stop = threading.Event()
+        if fsync == "interval":
+            threading.Thread(target=self._sync_loop, args=(interval_s,), daemon=True,
+                             name="persistroids-journal-fsync").start()
+
+    # -- files ----------------------------------------------------------------------------
+    def _path(self, seg: int) -> str:
+        return os.path.join(self.directory, f"{seg:08d}.journal")
+
+    def _segments(self) -> list[int]:
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:  # removed by close(remove=True)
+            return []
+        return sorted(int(m.group(1)) for name in names if (m := _SEGMENT.match(name)))
+
+    def _open(self, seg: int) -> int:
+        return os.open(self._path(seg), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of journal on disk (plus what is buffered)."""
+        total = len(self._buf)
+        for seg in self._segments():
+            try:
+                total += os.path.getsize(self._path(seg))
+            except OSError:
+                pass
+        return total
+
+    # -- recovery -------------------------------------------------------------------------
+    def recovered(self) -> Iterator[list[Any]]:
+        """The records of the segments a previous run left, oldest first. A record cut off
+        by a crash in the middle of a write ends its segment (it was never acknowledged)."""
+        for seg in self._segments():
+            if seg >= self._first_new:
+                break
+            with open(self._path(seg), "rb") as f:
+                data = f.read()
+            unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+            unpacker.feed(data)
+            good = 0
+            try:
+                for record in unpacker:
+                    good = unpacker.tell()
+                    yield record
+            except (ValueError, msgpack.UnpackException) as e:
+                log.warning("journal %s: segment %d ends in a damaged record after %d of %d "
+                            "bytes (%s); the rest is skipped", self.directory, seg, good,
+                            len(data), e)
+
+    # -- appending ------------------------------------------------------------------------
+    def append(self, record: list[Any]) -> None:
+        """Buffer ``record``; ``commit`` writes it (before its write is acknowledged)."""
+        data = msgpack.packb(record)
+        with self._lock:
+            self._buf += data
+            self.appended += 1
+
+    def commit(self) -> None:
+        """Hand the buffered records to the kernel (and the disk, with ``fsync="always"``).
+        The shard calls this before it sends the answers of a batch of requests."""
+        if not self._buf:
+            return
+        with self._lock:
+            self._write_buffer()
+            if self.fsync == "always":
+                os.fsync(self._fd)
+                self._unsynced = False
+
+    def _write_buffer(self) -> None:
+        if self._buf and not self._closed:
+            data = bytes(self._buf)
+            self._buf.clear()
+            done = os.write(self._fd, data)
+            while done < len(data):  # a short write (rare for regular files)
+                done += os.write(self._fd, data[done:])
+            self._unsynced = True
+
+    def _sync_loop(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            with self._lock:
+                if self._closed:
+                    return
+                if self._unsynced:
+                    os.fsync(self._fd)
+                    self._unsynced = False
+
+    # -- trimming -------------------------------------------------------------------------
+    def rotate(self) -> int:
+        """Start a new segment; return the last one, which holds every record so far.
+        The shard calls this when a flush takes its buffer."""
+        with self._lock:
+            self._write_buffer()
+            if self._unsynced and self.fsync != "off":
+                os.fsync(self._fd)
+                self._unsynced = False
+            os.close(self._fd)
+            last = self._seg
+            self._seg += 1
+            self._fd = self._open(self._seg)
+            return last
+
+    def release(self, upto: int) -> None:
+        """Remove the segments up to ``upto``: a flush stored everything they hold."""
+        for seg in self._segments():
+            if seg > upto:
+                break
+            try:
+                os.unlink(self._path(seg))
+            except FileNotFoundError:
+                pass
+
+    def close(self, remove: bool = False) -> None:
+        """Write what is buffered and close; with ``remove``, delete the journal (everything
+        in it is stored)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._write_buffer()
+            if self._unsynced and self.fsync != "off":
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._closed = True
+        self._stop.set()
+        if remove:
+            for seg in self._segments():
+                os.unlink(self._path(seg))
+            try:
+                os.rmdir(self.directory)
+            except OSError:
+                pass
