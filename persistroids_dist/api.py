@@ -62,6 +62,7 @@ def init(
     max_entries: int = 1_000_000,
     max_bytes: int | None = None,
     ttl_s: float | None = None,
+    max_attempts: int = 10,
     journal: str | os.PathLike[str] | bool = True,
     fsync: str = "interval",
     detached: bool = False,
@@ -87,6 +88,9 @@ def init(
     that expires keys itself (``RedisConnector(ttl_s=...)``) makes this at most its own.
     ``name``: lets other drivers ``connect(name)``; ``detached`` keeps the cache alive after
     the driver that created it exits (else it ends with that driver).
+    ``max_attempts``: a write a store refuses on its own (while it stores the others) is
+    retried, with backoff, this many times, then set aside as a dead letter
+    (``cache.dead_letters()``) so the rest keeps flowing; 0 retries forever.
     ``journal``: every shard appends each buffered write to a journal before acknowledging
     it, and replays it when Ray restarts the shard (shards restart by default) or a later
     ``init`` uses the same name: True (default) keeps it in a per-cache folder (see
@@ -136,6 +140,9 @@ def init(
     if ttl_s is not None and (isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float))
                               or not ttl_s > 0):
         raise ValueError(f"ttl_s must be a number of seconds > 0 or None, got {ttl_s!r}")
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 0:
+        raise ValueError(f"max_attempts must be an int >= 0 (0: never give up), got "
+                         f"{max_attempts!r}")
     if not isinstance(journal, (bool, str, os.PathLike)):
         raise TypeError(f"journal must be True, False or a directory, got {journal!r}")
     if fsync not in FSYNC_MODES:
@@ -154,6 +161,7 @@ def init(
     options = dict(init_fn=init_fn, merge_query_fn=merge_query_fn,
                    writes_threshold=writes_threshold, millis_threshold=millis_threshold,
                    max_entries=max_entries, max_bytes=max_bytes, ttl_s=ttl_s,
+                   max_attempts=max_attempts,
                    checkpoint_handler=checkpoint_handler,
                    allow_pickle=allow_pickle, functions=functions,
                    journal=journal_directory(journal, name), fsync=fsync)

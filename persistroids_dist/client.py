@@ -468,6 +468,30 @@ class Cache:
         self._pool.leases.release_all()
         return control.flush_all(self._spec, blob)
 
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """Writes a store kept refusing on their own while it stored the others (after
+        ``max_attempts`` tries): ``{"key", "connector", "error", "attempts", "shard"}`` each.
+        They are out of the write buffer (the rest keeps flowing) and wait for
+        ``retry_dead_letters`` or ``discard_dead_letters``; a newer write of the key
+        replaces its dead letter."""
+        answers = self._scatter(dict.fromkeys(range(self.num_shards), protocol.DEAD_LETTERS))
+        out = []
+        for s in sorted(answers):
+            for d in answers[s]:
+                d["key"] = decode_value(d.pop("kb"))  # tuples stay tuples
+                out.append(d)
+        return out
+
+    def retry_dead_letters(self) -> int:
+        """Put every dead letter back in its shard's write buffer; how many went back."""
+        frames = dict.fromkeys(range(self.num_shards), protocol.RETRY_DEAD_LETTERS)
+        return sum(self._scatter(frames).values())
+
+    def discard_dead_letters(self) -> int:
+        """Drop every dead letter (its store never gets it); how many were dropped."""
+        frames = dict.fromkeys(range(self.num_shards), protocol.DISCARD_DEAD_LETTERS)
+        return sum(self._scatter(frames).values())
+
     def metrics(self) -> dict[str, Any]:
         """``{"total": {...}, "shards": [...]}``: lookup (read calls), read (store read
         rounds), write (write calls), flush (distinct keys flushed), and more per shard."""

@@ -101,6 +101,9 @@ class ShardHost:
             Op.INVALIDATE: self._invalidate,
             Op.INVALIDATE_ALL: self.core.invalidate_all,
             Op.READ_MANY_VALUES: self._read_many_values,
+            Op.DEAD_LETTERS: self.core.dead_letters,
+            Op.RETRY_DEAD_LETTERS: self.core.retry_dead_letters,
+            Op.DISCARD_DEAD_LETTERS: self.core.discard_dead_letters,
         }
         self.server = ShardServer(handlers, secret,
                                   unix_path=os.path.join(self._dir, f"shard{index}.sock"),

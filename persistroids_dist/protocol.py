@@ -41,6 +41,9 @@ class Op:
     INVALIDATE_ALL = 15  # [] -> entries dropped
     READ_MANY_VALUES = 16  # [kbs] -> [value, ...] inline (decoded with the answer)
     UPDATE_NAMED = 17  # [kb, ab, name] -> new vb (a function registered at init, by name)
+    DEAD_LETTERS = 18  # [] -> [{key, connector, error, attempts, shard}, ...]
+    RETRY_DEAD_LETTERS = 19  # [] -> how many went back into the buffer
+    DISCARD_DEAD_LETTERS = 20  # [] -> how many were dropped
 
 
 def read(kb: bytes, ab: bytes | None, checkpoint: bytes | None = None) -> bytes:
@@ -118,3 +121,6 @@ INVALIDATE_ALL = _packb([Op.INVALIDATE_ALL])
 METRICS = _packb([Op.METRICS])
 PING = _packb([Op.PING])
 FLUSH = _packb([Op.FLUSH])
+DEAD_LETTERS = _packb([Op.DEAD_LETTERS])
+RETRY_DEAD_LETTERS = _packb([Op.RETRY_DEAD_LETTERS])
+DISCARD_DEAD_LETTERS = _packb([Op.DISCARD_DEAD_LETTERS])

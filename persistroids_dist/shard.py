@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from threading import RLock
 from typing import Any
 
@@ -59,6 +61,41 @@ def default_merge(*values: Any) -> Any:
     return present[-1]
 
 
+@dataclass(slots=True)
+class DeadLetter:
+    """A payload a store kept refusing on its own (see ``ShardCore.dead_letters``)."""
+
+    kb: bytes
+    cid: str
+    error: str
+    attempts: int
+    payload: Any
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _show_key(kb: bytes) -> Any:
+    try:
+        return decode_value(kb)
+    except Exception:
+        return kb
+
+
+_last_warning: dict[Any, float] = {}
+
+
+def _warn_limited(logger: logging.Logger, what: Any, msg: str, *args: Any,
+                  every_s: float = 10.0) -> None:
+    """``logger.warning``, at most once per ``every_s`` for the same ``what`` (a store that
+    is down fails every retry; one line says so)."""
+    now = time.monotonic()
+    if now - _last_warning.get(what, -every_s) >= every_s:
+        _last_warning[what] = now
+        logger.warning(msg, *args)
+
+
 def _encodable(value: Any) -> bool:
     try:
         encode_value(value)
@@ -90,6 +127,7 @@ class ShardCore:
         max_bytes: int | None = None,
         checkpoint_handler: Callable[[Any], Any] | None = None,
         ttl_s: float | None = None,
+        max_attempts: int = 10,
         journal: Journal | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -111,6 +149,12 @@ class ShardCore:
         self.max_bytes = max_bytes
         self.checkpoint_handler = checkpoint_handler
         self._clock = clock
+        self.max_attempts = max_attempts
+        # Payloads a store kept refusing on their own while it stored others: (connector id,
+        # key) -> DeadLetter. Out of the buffer, kept for retry_dead_letters().
+        self._dead: dict[tuple[str, bytes], DeadLetter] = {}
+        # Payloads singled out so far: (connector id, key) -> (refusals, the error's text).
+        self._attempts: dict[tuple[str, bytes], tuple[int, str]] = {}
         self._lock = RLock()
         # Every buffered write and delete is appended here before it is acknowledged (the
         # host commits it before answering); a flush that stored everything trims it.
@@ -139,7 +183,7 @@ class ShardCore:
             ("lookup", "read", "write", "flush", "hits", "misses", "evictions", "updates",
              "flush_calls", "flush_errors", "read_errors", "write_errors", "checkpoints",
              "checkpoint_errors", "over_capacity", "deletes", "expired", "replayed",
-             "replay_errors"), 0)
+             "replay_errors", "retries", "dead_letters"), 0)
         self.last_errors: dict[str, str] = {}
         for conn in self.connectors:
             self._call(conn.connect)
@@ -400,6 +444,10 @@ class ShardCore:
             if self._oldest_pending is None:
                 self._oldest_pending = self._clock()
             self._dirty.add(kb)
+        if self._dead or self._attempts:  # a newer write or delete supersedes a refused one
+            for cid in self._ids:
+                self._dead.pop((cid, kb), None)
+                self._attempts.pop((cid, kb), None)
         return dirty
 
     def _set_ttl(self, kb: bytes, ttl_s: float | None) -> None:
@@ -572,19 +620,23 @@ class ShardCore:
         failed: dict[str, BaseException] = {}
         failed_keys: set[bytes] = set()
         self._inflight = dirty
+        dead_before = self.c["dead_letters"]
         try:
             for conn, cid in zip(self.connectors, self._ids):
                 self._flush_one(conn, cid, snapshot[cid], failed, failed_keys)
         finally:
             self._inflight = set()
-        self.c["flush"] += len(dirty) - len(failed_keys)
+        buried = self.c["dead_letters"] - dead_before
+        self.c["flush"] += len(dirty) - len(failed_keys) - buried
         if not failed and self._over_capacity():  # a write during the flush went over
             self._evict()
         if failed:
             self._dirty |= failed_keys
             self._oldest_pending = oldest
             self._backoff = min(max(self._backoff * 2, 0.05), 5.0)
-            self._retry_at = self._clock() + self._backoff
+            # Jitter: shards that failed together do not retry in lockstep.
+            self._retry_at = self._clock() + self._backoff * random.uniform(0.5, 1.0)
+            self.c["retries"] += 1
             if explicit:
                 raise FlushError(self.index, failed)
             return 0
@@ -609,16 +661,111 @@ class ShardCore:
                    failed: dict[str, BaseException], failed_keys: set[bytes]) -> None:
         try:
             self._call(conn.flush, list(payloads.values()))
-        except Exception as e:  # keep this connector's payloads for the next attempt
-            failed[cid] = e
-            failed_keys.update(payloads)
-            self.last_errors[cid] = f"{type(e).__name__}: {e}"
-            self.c["flush_errors"] += 1
-            log.warning("shard %d: flush of %d payloads to %s failed: %r",
-                        self.index, len(payloads), cid, e)
-            merged = dict(payloads)
-            merged.update(self._pending[cid])  # newer writes since the snapshot win
+            return
+        except Exception as e:
+            error = e
+        self.c["flush_errors"] += 1
+        self.last_errors[cid] = f"{type(error).__name__}: {error}"
+        kept, refused, stored = self._isolate(conn, list(payloads.items()), error)
+        if len(payloads) == 1 and not refused:
+            # A lone payload cannot be told from a store that is down, unless it was singled
+            # out before and the store refuses it with the very same error again.
+            (kb, payload, e), = kept
+            seen = self._attempts.get((cid, kb))
+            if seen is not None and seen[1] == _error_text(e):
+                kept, refused = [], kept
+        for kb, payload, e in refused:  # refused on its own while the store took others
+            n = self._attempts.get((cid, kb), (0, ""))[0] + 1
+            self._attempts[(cid, kb)] = (n, _error_text(e))
+            if self.max_attempts and n >= self.max_attempts:
+                self._bury(cid, kb, payload, e, n)
+            else:
+                kept.append((kb, payload, e))
+        if stored:
+            log.warning("shard %d: %s refused %d payload(s) of %d and stored the rest: %r",
+                        self.index, cid, len(refused), len(payloads), refused[0][2])
+        else:
+            _warn_limited(log, ("flush", self.index, cid),
+                          "shard %d: flush of %d payloads to %s failed: %r",
+                          self.index, len(payloads), cid, error)
+        if kept:  # keep these payloads for the next attempt; newer writes since win
+            failed[cid] = kept[0][2]
+            merged = {kb: payload for kb, payload, _ in kept}
+            failed_keys.update(merged)
+            merged.update(self._pending[cid])
             self._pending[cid] = merged
+
+    def _isolate(self, conn: Connector, items: list[tuple[bytes, Any]], error: Exception
+                 ) -> tuple[list[Any], list[Any], bool]:
+        """After a failed batch: find the payloads the store refuses while it stores others.
+
+        Halve the failing parts level by level, flushing each half, down to single
+        payloads. If two levels go by without the store taking anything, stop: it is down
+        (or refuses everything), and nothing is singled out. Costs about 2 log2(n) calls
+        per poison payload among n, and 6 for a store that is down. Returns (payloads kept
+        as they are, payloads refused on their own, whether anything was stored), each
+        payload as (key, payload, error)."""
+        refused: list[Any] = []
+        stored = False
+        level = [(items, error)]
+        depth = 0
+        while level:
+            below = []
+            for part, err in level:
+                if len(part) == 1:
+                    refused.append((part[0][0], part[0][1], err))
+                    continue
+                for half in (part[:len(part) // 2], part[len(part) // 2:]):
+                    try:
+                        self._call(conn.flush, [p for _, p in half])
+                        stored = True
+                    except Exception as e:
+                        below.append((half, e))
+            depth += 1
+            if not stored and depth >= 2:  # the store takes nothing: do not bisect on
+                return [(kb, p, e) for part, e in below for kb, p in part] + refused, [], False
+            level = below
+        if not stored:  # nothing singled out: a refusal of everything is not a poison write
+            return refused, [], False
+        return [], refused, True
+
+    def _bury(self, cid: str, kb: bytes, payload: Any, error: BaseException, n: int) -> None:
+        self._dead[(cid, kb)] = DeadLetter(kb, cid, f"{type(error).__name__}: {error}", n,
+                                           payload)
+        self._attempts.pop((cid, kb), None)
+        self.c["dead_letters"] += 1
+        log.error("shard %d: %s refused the write of key %r %d times; it is a dead letter "
+                  "now (cache.dead_letters())", self.index, cid, _show_key(kb), n)
+
+    # -- dead letters ---------------------------------------------------------------------
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """What stores kept refusing: key, connector id, the store's error, attempts."""
+        with self._lock:
+            return [{"key": _show_key(d.kb), "kb": d.kb, "connector": d.cid, "error": d.error,
+                     "attempts": d.attempts, "shard": self.index}
+                    for d in self._dead.values()]
+
+    def retry_dead_letters(self) -> int:
+        """Put every dead letter back in the buffer (attempts start again); how many."""
+        with self._lock:
+            dead, self._dead = self._dead, {}
+            for d in dead.values():
+                # Attempts start again; the error is remembered, so a lone retried payload
+                # refused the same way again is still told from a store that is down.
+                self._attempts[(d.cid, d.kb)] = (0, d.error)
+                self._pending[d.cid].setdefault(d.kb, d.payload)
+                self._dirty.add(d.kb)
+                if self._oldest_pending is None:
+                    self._oldest_pending = self._clock()
+            self._retry_at = 0.0
+            return len(dead)
+
+    def discard_dead_letters(self) -> int:
+        """Forget every dead letter (the stores never get them); how many."""
+        with self._lock:
+            n = len(self._dead)
+            self._dead.clear()
+            return n
 
     # -- introspection and shutdown -------------------------------------------------------
     def metrics(self) -> dict[str, Any]:
@@ -631,6 +778,7 @@ class ShardCore:
                 0.0 if self._oldest_pending is None
                 else (self._clock() - self._oldest_pending) * 1000)
             m["last_errors"] = dict(self.last_errors)
+            m["dead_letters_held"] = len(self._dead)
             return m
 
     def contains(self, kb: bytes) -> bool:

@@ -136,3 +136,34 @@ def test_numpy_scalars_are_the_python_values_they_hold(make_cache):
     assert cache.read(("user", 42)) is True
     cache.write_many([(np.uint8(i), np.int64(i * 10)) for i in range(5)])
     assert cache.read_many(list(range(5))) == [0, 10, 20, 30, 40]
+
+
+def test_a_poison_write_becomes_a_dead_letter_and_the_rest_reaches_the_store(make_cache,
+                                                                              tmp_path):
+    db = tmp_path / "check.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE kv (k BLOB PRIMARY KEY, v BLOB NOT NULL "
+                "CHECK (length(v) < 100)) WITHOUT ROWID")
+    con.close()
+    cache = make_cache([SQLiteConnector(db)], num_shards=1, millis_threshold=20,
+                       max_attempts=3)
+    cache.write_many([(("row", i), "p" * 200 if i == 7 else i) for i in range(500)])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not cache.dead_letters():
+        time.sleep(0.05)  # the flush timer retries with backoff
+    (dead,) = cache.dead_letters()
+    assert dead["key"] == ("row", 7) and dead["attempts"] == 3
+    assert "CHECK constraint failed" in dead["error"] and dead["connector"] == "sqlite:kv"
+    assert len(rows(db)) == 499
+    m = cache.metrics()["total"]
+    assert m["dead_letters"] == 1 and m["pending"] == 0
+    assert cache.retry_dead_letters() == 1
+    cache.write(("row", 7), "short now", wait=True)  # a newer write replaces it
+    cache.flush_now()
+    assert cache.dead_letters() == [] and len(rows(db)) == 500
+    # A poison write is singled out when the store takes others beside it.
+    cache.write_many([(("row", 8), "q" * 300), (("row", 9), 9)])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not cache.dead_letters():
+        time.sleep(0.05)
+    assert cache.discard_dead_letters() == 1 and cache.dead_letters() == []
