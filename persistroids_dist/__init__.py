@@ -11,6 +11,7 @@ from .client import Cache
 from .connector import BaseConnector, Connector
 from .errors import (
     AuthenticationError,
+    BackpressureError,
     CacheClosedError,
     CacheNotFoundError,
     FlushError,
@@ -28,6 +29,7 @@ from .errors import (
 
 __all__ = [
     "AuthenticationError",
+    "BackpressureError",
     "BaseConnector",
     "Cache",
     "CacheClosedError",

@@ -63,6 +63,9 @@ def init(
     max_bytes: int | None = None,
     ttl_s: float | None = None,
     max_attempts: int = 10,
+    max_pending: int | None = 1_000_000,
+    max_pending_bytes: int | None = 512 * 2**20,
+    backpressure_timeout_s: float = 30.0,
     journal: str | os.PathLike[str] | bool = True,
     fsync: str = "interval",
     detached: bool = False,
@@ -91,6 +94,9 @@ def init(
     ``max_attempts``: a write a store refuses on its own (while it stores the others) is
     retried, with backoff, this many times, then set aside as a dead letter
     (``cache.dead_letters()``) so the rest keeps flowing; 0 retries forever.
+    ``max_pending`` / ``max_pending_bytes``: bound of each shard's write buffer (keys, and
+    their key and value bytes; None: unbounded). A write to a full buffer waits for a flush
+    up to ``backpressure_timeout_s`` (0: not at all), then raises BackpressureError.
     ``journal``: every shard appends each buffered write to a journal before acknowledging
     it, and replays it when Ray restarts the shard (shards restart by default) or a later
     ``init`` uses the same name: True (default) keeps it in a per-cache folder (see
@@ -143,6 +149,14 @@ def init(
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 0:
         raise ValueError(f"max_attempts must be an int >= 0 (0: never give up), got "
                          f"{max_attempts!r}")
+    for what, bound in (("max_pending", max_pending), ("max_pending_bytes", max_pending_bytes)):
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)
+                                  or bound < 1):
+            raise ValueError(f"{what} must be a positive int or None, got {bound!r}")
+    if isinstance(backpressure_timeout_s, bool) or not isinstance(
+            backpressure_timeout_s, (int, float)) or backpressure_timeout_s < 0:
+        raise ValueError(f"backpressure_timeout_s must be a number >= 0, got "
+                         f"{backpressure_timeout_s!r}")
     if not isinstance(journal, (bool, str, os.PathLike)):
         raise TypeError(f"journal must be True, False or a directory, got {journal!r}")
     if fsync not in FSYNC_MODES:
@@ -161,7 +175,9 @@ def init(
     options = dict(init_fn=init_fn, merge_query_fn=merge_query_fn,
                    writes_threshold=writes_threshold, millis_threshold=millis_threshold,
                    max_entries=max_entries, max_bytes=max_bytes, ttl_s=ttl_s,
-                   max_attempts=max_attempts,
+                   max_attempts=max_attempts, max_pending=max_pending,
+                   max_pending_bytes=max_pending_bytes,
+                   backpressure_timeout_s=float(backpressure_timeout_s),
                    checkpoint_handler=checkpoint_handler,
                    allow_pickle=allow_pickle, functions=functions,
                    journal=journal_directory(journal, name), fsync=fsync)

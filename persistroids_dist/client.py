@@ -23,6 +23,7 @@ from .lease import Lease
 from .near import NO_VALUE, NearCache
 from .pool import LINGER, pool_for, slot_table
 from .spec import CacheSpec
+from .transport import LinkError
 
 __all__ = ["Cache", "NAMESPACE"]
 
@@ -114,7 +115,7 @@ class Cache:
         try:
             with conn.lock:
                 return conn.call(frame)
-        except (ConnectionError, OSError) as e:
+        except LinkError as e:
             lost = self._lost(shard, e)
             if not retry:
                 raise lost from e
@@ -250,7 +251,7 @@ class Cache:
         try:
             with conn.lock:
                 first = conn.queue_write([kb, ab, vb] if ttl_s is None else [kb, ab, vb, ttl_s])
-        except (ConnectionError, OSError) as e:
+        except LinkError as e:
             raise self._lost(shard, e) from e
         if first:
             LINGER.arm(conn)
@@ -323,7 +324,7 @@ class Cache:
         try:
             with conn.lock:
                 conn.send(frame)
-        except (ConnectionError, OSError) as e:
+        except LinkError as e:
             raise self._lost(shard, e) from e
 
     def get(self, args: Any, default: Any = None) -> Any:
@@ -403,7 +404,7 @@ class Cache:
                     conn.send(frame)  # later frames on this connection find fn registered
                 if name is None:
                     conn.known_functions.add(digest)
-        except (ConnectionError, OSError) as e:
+        except LinkError as e:
             raise self._lost(shard, e) from e
         if not wait:
             if pool.near is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthenticationError",
+    "BackpressureError",
     "CacheClosedError",
     "CacheNotFoundError",
     "FlushError",
@@ -143,3 +144,9 @@ class ShutdownError(FlushError):
 
     def __reduce__(self):
         return (type(self), (self.failures,))
+
+
+class BackpressureError(PersistroidsError, TimeoutError):
+    """A shard's write buffer stayed full (``max_pending`` / ``max_pending_bytes``) for
+    ``backpressure_timeout_s``, usually because its stores are down: the write was refused
+    (not applied); everything accepted before stays buffered."""

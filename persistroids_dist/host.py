@@ -17,7 +17,7 @@ from typing import Any
 
 from ray import cloudpickle
 
-from .errors import CacheClosedError, LeaseLostError, PicklingRefusedError
+from .errors import BackpressureError, CacheClosedError, LeaseLostError, PicklingRefusedError
 from .journal import Journal
 from .protocol import Op, array_header
 from .shard import ShardCore
@@ -58,6 +58,7 @@ class ShardHost:
         options = dict(options)
         journal_dir = options.pop("journal", None)
         fsync = options.pop("fsync", "interval")
+        self.backpressure_timeout_s = float(options.pop("backpressure_timeout_s", 30.0))
         # allow_pickle=False: no pickled update function or checkpoint state is unpickled;
         # updates run only the functions registered here by name (sent through Ray).
         self.allow_pickle = bool(options.pop("allow_pickle", True))
@@ -151,6 +152,31 @@ class ShardHost:
             self._lease_cond.notify_all()  # wakes the owner's long poll
             self._lease_cond.wait(max(0.0005, blocked.expires - now))
 
+    def _admit(self, kb: bytes | None = None) -> None:
+        """Let a write in (call with the core lock held): refused if the shard is closing;
+        while the write buffer is full (``max_pending``/``max_pending_bytes``), wait for a
+        flush to make room (the wait releases the lock), up to ``backpressure_timeout_s``,
+        then BackpressureError. A write to a key already pending takes no more room."""
+        self._refuse_if_closing()
+        core = self.core
+        if not core.full() or (kb is not None and kb in core._dirty):
+            return
+        core.c["backpressure_waits"] += 1
+        deadline = time.monotonic() + self.backpressure_timeout_s
+        while core.full():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                core.c["backpressure_refusals"] += 1
+                m = core.metrics()
+                raise BackpressureError(
+                    f"shard {self.index}: write buffer full ({m['pending']} keys, "
+                    f"{m['pending_bytes']} bytes pending; max_pending={core.max_pending}, "
+                    f"max_pending_bytes={core.max_pending_bytes}) for "
+                    f"{self.backpressure_timeout_s:g} s: are its stores down? "
+                    f"({m['last_errors'] or 'no store error yet'}); write refused")
+            self._lease_cond.wait(min(left, 0.05))  # the flush timer runs meanwhile
+            self._refuse_if_closing()
+
     def _refuse_if_closing(self) -> None:
         if self._closing:
             raise CacheClosedError(f"shard {self.index} is shutting down: write refused")
@@ -242,7 +268,7 @@ class ShardHost:
     def _write(self, kb: bytes, ab: bytes | None, vb: bytes, ckpt: bytes | None = None,
                ttl_s: float | None = None) -> None:
         with self._lease_cond:
-            self._refuse_if_closing()
+            self._admit(kb)
             if self._leases:
                 self._wait_unleased((kb,))
             if ckpt:
@@ -253,7 +279,7 @@ class ShardHost:
 
     def _delete(self, kb: bytes, ab: bytes | None) -> None:
         with self._lease_cond:
-            self._refuse_if_closing()
+            self._admit(kb)
             if self._leases:
                 self._wait_unleased((kb,))
             self.core.delete(kb, ab)
@@ -272,7 +298,7 @@ class ShardHost:
 
     def _write_many(self, items: list[list[Any]], ckpt: bytes | None = None) -> int:
         with self._lease_cond:
-            self._refuse_if_closing()
+            self._admit()
             if self._leases:
                 self._wait_unleased([item[0] for item in items])
             if ckpt:
@@ -293,7 +319,7 @@ class ShardHost:
             fn = cloudpickle.loads(fn_blob)
             self.core.register_function(digest, fn)
         with self._lease_cond:
-            self._refuse_if_closing()
+            self._admit(kb)
             if self._leases:
                 self._wait_unleased((kb,))
             return self.core.update(kb, ab, fn)
@@ -307,7 +333,7 @@ class ShardHost:
             raise LookupError(f"shard {self.index}: no update function named {name!r}; "
                               f"registered: {known}")
         with self._lease_cond:
-            self._refuse_if_closing()
+            self._admit(kb)
             if self._leases:
                 self._wait_unleased((kb,))
             return self.core.update(kb, ab, fn)

@@ -215,7 +215,7 @@ class Ownership:
                     self._answer(conn, shard, recalled)
         except LeaseLostError as e:
             self.errors.append(e)
-        except (ConnectionError, OSError) as e:
+        except OSError as e:  # the link broke (LinkError), or could not be opened
             if not self.router.closed:
                 self.errors.append(e)
         finally:

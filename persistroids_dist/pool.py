@@ -15,7 +15,7 @@ from .errors import CacheClosedError, ShardUnavailableError, UnacknowledgedWrite
 from .lease import Ownership
 from .near import NearCache
 from .spec import CacheSpec
-from .transport import Connection
+from .transport import Connection, LinkError
 
 __all__ = ["LINGER", "Pool", "pool_for", "slot_table"]
 
@@ -128,7 +128,7 @@ class Pool:
             for s, c in conns:
                 try:
                     out[s] = c.finish()
-                except (ConnectionError, OSError):
+                except LinkError:
                     raise
                 except Exception as e:  # the shard's answer was an error
                     out[s] = e
@@ -137,7 +137,7 @@ class Pool:
                     if isinstance(r, BaseException):
                         raise r
             return out
-        except (ConnectionError, OSError) as e:
+        except LinkError as e:
             for s, _ in conns:
                 self.drop(s)
             raise ShardUnavailableError(f"cache {self.spec.name!r}: lost a shard: {e}") from e
@@ -158,7 +158,7 @@ class Pool:
                     continue
                 try:
                     conn.sync()
-                except (ConnectionError, OSError):
+                except LinkError:
                     self.drop(shard)
                 except Exception as e:  # a shard refused a pipelined write: sync the rest
                     first = first or e
@@ -224,7 +224,7 @@ class Linger:
                         continue
                     try:
                         conn.send_queue()
-                    except (ConnectionError, OSError) as e:
+                    except LinkError as e:
                         conn.deferred.append(ConnectionError(f"queued writes were lost: {e}"))
                         conn.close()
 

@@ -128,6 +128,8 @@ class ShardCore:
         checkpoint_handler: Callable[[Any], Any] | None = None,
         ttl_s: float | None = None,
         max_attempts: int = 10,
+        max_pending: int | None = None,
+        max_pending_bytes: int | None = None,
         journal: Journal | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -150,6 +152,11 @@ class ShardCore:
         self.checkpoint_handler = checkpoint_handler
         self._clock = clock
         self.max_attempts = max_attempts
+        # The bound of the write buffer (``full()``; the host makes writers wait on it).
+        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self._pending_sizes: dict[bytes, int] = {}  # per dirty key: key + value bytes
+        self._pending_bytes = 0
         # Payloads a store kept refusing on their own while it stored others: (connector id,
         # key) -> DeadLetter. Out of the buffer, kept for retry_dead_letters().
         self._dead: dict[tuple[str, bytes], DeadLetter] = {}
@@ -183,7 +190,8 @@ class ShardCore:
             ("lookup", "read", "write", "flush", "hits", "misses", "evictions", "updates",
              "flush_calls", "flush_errors", "read_errors", "write_errors", "checkpoints",
              "checkpoint_errors", "over_capacity", "deletes", "expired", "replayed",
-             "replay_errors", "retries", "dead_letters"), 0)
+             "replay_errors", "retries", "dead_letters", "backpressure_waits",
+             "backpressure_refusals"), 0)
         self.last_errors: dict[str, str] = {}
         for conn in self.connectors:
             self._call(conn.connect)
@@ -426,15 +434,16 @@ class ShardCore:
                 self.c["write_errors"] += 1
                 raise  # nothing of this write was cached or buffered
         self.c["write"] += 1
-        if self._buffer(kb, payloads) and self.journal is not None:
+        if self._buffer(kb, payloads, len(kb) + len(vb)) and self.journal is not None:
             self.journal.append([WRITE, kb, ab, vb, ttl_s])
         self._put(kb, vb)
         self._absent.discard(kb)
         self._set_ttl(kb, ttl_s)
 
-    def _buffer(self, kb: bytes, payloads: list[Any]) -> bool:
+    def _buffer(self, kb: bytes, payloads: list[Any], size: int) -> bool:
         """Buffer one payload per connector for ``kb``, replacing an older one (a later
-        write or delete of a key wins over an earlier one); whether any was buffered."""
+        write or delete of a key wins over an earlier one); whether any was buffered.
+        ``size``: the bytes it counts for in ``max_pending_bytes``."""
         dirty = False
         for cid, payload in zip(self._ids, payloads):
             if payload is not None:
@@ -444,6 +453,8 @@ class ShardCore:
             if self._oldest_pending is None:
                 self._oldest_pending = self._clock()
             self._dirty.add(kb)
+            self._pending_bytes += size - self._pending_sizes.get(kb, 0)
+            self._pending_sizes[kb] = size
         if self._dead or self._attempts:  # a newer write or delete supersedes a refused one
             for cid in self._ids:
                 self._dead.pop((cid, kb), None)
@@ -509,7 +520,7 @@ class ShardCore:
                 self.c["write_errors"] += 1
                 raise  # nothing of this delete was cached or buffered
             self.c["deletes"] += 1
-            if self._buffer(kb, payloads) and self.journal is not None:
+            if self._buffer(kb, payloads, len(kb)) and self.journal is not None:
                 self.journal.append([DELETE, kb, ab])
             vb = _NONE if self.init_fn is None else encode_value(self.init_fn(args))
             self._put(kb, vb)
@@ -537,6 +548,12 @@ class ShardCore:
             self._expires.clear()
             self._bytes = 0
             return n
+
+    def full(self) -> bool:
+        """Whether the write buffer reached ``max_pending`` keys or ``max_pending_bytes``."""
+        return bool((self.max_pending is not None and len(self._dirty) >= self.max_pending)
+                    or (self.max_pending_bytes is not None
+                        and self._pending_bytes >= self.max_pending_bytes))
 
     def replay(self, records: Iterable[Sequence[Any]]) -> int:
         """Apply journal records a previous run of this shard left (its acknowledged writes
@@ -611,6 +628,7 @@ class ShardCore:
         # fresh buffer and is never lost (the seed read, flushed, then reset).
         snapshot, self._pending = self._pending, {cid: {} for cid in self._ids}
         dirty, self._dirty = self._dirty, set()
+        sizes, self._pending_sizes, self._pending_bytes = self._pending_sizes, {}, 0
         oldest, self._oldest_pending = self._oldest_pending, None
         if not dirty:
             return 0
@@ -632,6 +650,9 @@ class ShardCore:
             self._evict()
         if failed:
             self._dirty |= failed_keys
+            for kb in failed_keys:  # a newer write since the snapshot keeps its own size
+                self._pending_sizes.setdefault(kb, sizes.get(kb, len(kb)))
+            self._pending_bytes = sum(self._pending_sizes.values())
             self._oldest_pending = oldest
             self._backoff = min(max(self._backoff * 2, 0.05), 5.0)
             # Jitter: shards that failed together do not retry in lockstep.
@@ -755,6 +776,8 @@ class ShardCore:
                 self._attempts[(d.cid, d.kb)] = (0, d.error)
                 self._pending[d.cid].setdefault(d.kb, d.payload)
                 self._dirty.add(d.kb)
+                self._pending_sizes.setdefault(d.kb, len(d.kb))
+                self._pending_bytes = sum(self._pending_sizes.values())
                 if self._oldest_pending is None:
                     self._oldest_pending = self._clock()
             self._retry_at = 0.0
@@ -774,6 +797,7 @@ class ShardCore:
             m["entries"] = len(self._entries)
             m["bytes"] = self._bytes
             m["pending"] = len(self._dirty)
+            m["pending_bytes"] = self._pending_bytes
             m["oldest_pending_ms"] = (
                 0.0 if self._oldest_pending is None
                 else (self._clock() - self._oldest_pending) * 1000)

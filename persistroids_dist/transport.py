@@ -32,7 +32,7 @@ from .codec import _ext_hook
 from .errors import AuthenticationError, RemoteError
 from .protocol import Op
 
-__all__ = ["Connection", "Op", "ShardServer"]
+__all__ = ["Connection", "LinkError", "Op", "ShardServer"]
 
 _monotonic = time.monotonic
 
@@ -54,6 +54,12 @@ def _unpacker() -> msgpack.Unpacker:
     # ext_hook: answers may carry values inline (see Packed), tuples included.
     return msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=1 << 31,
                             ext_hook=_ext_hook)
+
+
+class LinkError(ConnectionError):
+    """The connection to a shard broke. Only the transport raises it, so a caller can tell
+    it from an error the shard reported (which may be an OSError of its own, such as a
+    store's ConnectionError or a BackpressureError)."""
 
 
 class Packed(bytes):
@@ -454,12 +460,21 @@ class Connection:
     def _send(self, frame: bytes, writes: int) -> None:
         self.inflight.append(writes)  # first: a send that fails half-way still counts them
         self.unacked += 1
-        self.sock.sendall(frame)
+        self._sendall(frame)
         if self.unacked >= self.max_unacked:
             self._drain(self.max_unacked // 2)
 
+    def _sendall(self, frame: bytes) -> None:
+        try:
+            self.sock.sendall(frame)
+        except OSError as e:
+            raise LinkError(f"connection to the shard broke: {e}") from e
+
     def _recv_answer(self) -> tuple[int, Any]:
-        answer = _recv_obj(self.sock, self.unpacker)
+        try:
+            answer = _recv_obj(self.sock, self.unpacker)
+        except OSError as e:  # ConnectionError included
+            raise LinkError(f"connection to the shard broke: {e}") from e
         self.unacked -= 1
         self.inflight.popleft()
         return answer
@@ -491,7 +506,7 @@ class Connection:
         self.send_queue()  # queued writes go first: this process reads its own writes
         self.inflight.append(0)  # its caller waits for the answer and hears of a failure
         self.unacked += 1
-        self.sock.sendall(frame)
+        self._sendall(frame)
 
     def finish(self) -> Any:
         """Consume earlier pipelined answers, then return the last request's result."""

@@ -115,3 +115,24 @@ def test_queued_writes_go_out_within_the_linger_window_even_from_a_busy_writer(h
         time.sleep(0.05)
     missing = [i for i in range(old) if not have[i]]
     assert not missing, f"{len(missing)} writes queued over 2 ms before exit were lost"
+
+
+class DownForReads(MemoryConnector):
+    def read_many_encoded(self, keys):
+        raise TimeoutError("the store did not answer")  # an OSError, as stores' errors often are
+
+
+def test_a_store_error_that_is_an_oserror_is_not_taken_for_a_broken_connection():
+    # Bug: the client treated any OSError from a shard's answer as a lost connection, so a
+    # store's ConnectionError or TimeoutError became "lost shard" (and a BackpressureError,
+    # a TimeoutError, too).
+    h = ShardHost(0, [DownForReads()], {}, SECRET)
+    try:
+        cache = handle(h)
+        with pytest.raises(TimeoutError, match="the store did not answer") as e:
+            cache.read("k")
+        assert not isinstance(e.value, ConnectionError)
+        assert cache._pool.conns[0] is not None and not cache._pool.conns[0].closed
+        cache._pool.close()
+    finally:
+        h.close()

@@ -1,0 +1,101 @@
+"""A store outage against a Redis server the test starts itself (never the shared one):
+stopped and restarted mid-stream. The write buffer stays bounded (writers wait, then get
+BackpressureError), and everything acknowledged lands once the store is back."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+
+import pytest
+
+import persistroids_dist as pd
+from persistroids_dist.connectors.redis import RedisConnector
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, on its own port, stopped and started at will."""
+
+    def __init__(self, tmp_path) -> None:
+        self.port = free_port()
+        self.dir = tmp_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()  # our own process, by its pid
+            self.proc.wait(timeout=20)
+            self.proc = None
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    if shutil.which("redis-server") is None:
+        if os.environ.get("PERSISTROIDS_REQUIRE_SERVICES") == "1":
+            pytest.fail("redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    r = PrivateRedis(tmp_path)
+    r.start()
+    yield r
+    r.stop()
+
+
+def test_a_store_outage_fills_the_buffer_to_its_bound_and_loses_nothing(make_cache,
+                                                                        private_redis):
+    url = f"redis://127.0.0.1:{private_redis.port}/0"
+    prefix = f"out-{uuid.uuid4().hex[:6]}:"
+    cache = make_cache([RedisConnector(url, prefix=prefix)], num_shards=1, max_pending=300,
+                       backpressure_timeout_s=0.3, millis_threshold=20, writes_threshold=50)
+    acked = {}
+    for i in range(100):
+        acked[("before", i)] = cache.write(("before", i), i, wait=True)
+    cache.flush_now()
+    private_redis.stop()
+    refused = None
+    for i in range(2000):
+        try:
+            acked[("during", i)] = cache.write(("during", i), i, wait=True)
+        except pd.BackpressureError as e:
+            refused = e
+            break
+    assert refused is not None and "write buffer full" in str(refused)
+    m = cache.metrics()["total"]
+    assert m["pending"] <= 300 and m["backpressure_refusals"] == 1
+    assert m["flush_errors"] >= 1
+    # Cached keys are still served during the outage.
+    assert cache.read(("before", 3)) == 3 and cache.read(("during", 5)) == 5
+    private_redis.start()  # the store comes back (empty: it kept nothing on disk)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and cache.metrics()["total"]["pending"]:
+        time.sleep(0.05)
+    cache.flush_now()
+    probe = RedisConnector(url, prefix=prefix)
+    probe.connect()
+    during = {k: v for k, v in acked.items() if k[0] == "during"}
+    assert len(during) >= 250
+    assert probe.read_many(list(during)) == list(during.values())
+    probe.disconnect()
