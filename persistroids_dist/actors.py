@@ -6,6 +6,8 @@ Reads and writes go over the shard's socket (see ``transport``), not through the
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import ray
@@ -15,8 +17,44 @@ from .host import ShardHost, _unpickle_checkpoint
 
 __all__ = ["Coordinator", "ShardActor", "wait_ready"]
 
+log = logging.getLogger("persistroids_dist.actors")
 
-ShardActor = ray.remote(ShardHost)
+
+class _ActorShardHost(ShardHost):
+    """A ShardHost that knows it runs in a Ray actor: its node, and how often Ray restarted
+    it (counted in its journal folder, which survives the restarts)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        ctx = ray.get_runtime_context()
+        self.node_id = ctx.get_node_id()
+        self.restarts = 0
+        super().__init__(*args, **kwargs)
+        if ctx.was_current_actor_reconstructed:
+            self.restarts = self._count_restart()
+            log.warning("shard %d: restarted by Ray (restart %d) on node %s", self.index,
+                        self.restarts, self.node_id[:12])
+
+    def _count_restart(self) -> int:
+        if self.journal is None:
+            return 1  # restarted at least once; without a journal folder, not counted
+        path = os.path.join(self.journal.directory, "restarts")
+        try:
+            with open(path) as f:
+                n = int(f.read().strip() or 0) + 1
+        except (OSError, ValueError):
+            n = 1
+        with open(path, "w") as f:
+            f.write(str(n))
+        return n
+
+    def metrics(self) -> dict[str, Any]:
+        m = super().metrics()
+        m["node_id"] = self.node_id
+        m["restarts"] = self.restarts
+        return m
+
+
+ShardActor = ray.remote(_ActorShardHost)
 
 
 @ray.remote

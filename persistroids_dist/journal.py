@@ -179,9 +179,9 @@ class Journal:
             os.close(self._fd)
             self._closed = True
         self._stop.set()
-        if remove:
-            for seg in self._segments():
-                os.unlink(self._path(seg))
+        if remove:  # the folder is this shard's own: its segments and its restart count
+            for name in os.listdir(self.directory):
+                os.unlink(os.path.join(self.directory, name))
             try:
                 os.rmdir(self.directory)
             except OSError:

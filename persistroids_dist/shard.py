@@ -661,6 +661,9 @@ class ShardCore:
             if explicit:
                 raise FlushError(self.index, failed)
             return 0
+        if self._backoff:
+            log.warning("shard %d: the stores take writes again; flushed %d key(s)",
+                        self.index, len(dirty))
         self._backoff = 0.0
         self._retry_at = 0.0
         if segment is not None:

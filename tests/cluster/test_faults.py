@@ -157,6 +157,7 @@ def test_a_killed_shard_restarts_with_every_acknowledged_write(make_cache, tmp_p
     acked.update(batch)
     m = restarted(cache, victim, old_pid)
     assert m["replayed"] >= 700  # what it had acknowledged before the kill
+    assert m["restarts"] == 1 and m["node_id"] == cache.metrics()["shards"][1 - victim]["node_id"]
     on_victim = [k for k in acked if cache.shard_of(k) == victim]
     assert len(on_victim) > 1000
     got = cache.read_many(list(acked))
