@@ -66,6 +66,7 @@ def init(
     max_pending: int | None = 1_000_000,
     max_pending_bytes: int | None = 512 * 2**20,
     backpressure_timeout_s: float = 30.0,
+    shard_wait_s: float = 30.0,
     journal: str | os.PathLike[str] | bool = True,
     fsync: str = "interval",
     detached: bool = False,
@@ -97,6 +98,8 @@ def init(
     ``max_pending`` / ``max_pending_bytes``: bound of each shard's write buffer (keys, and
     their key and value bytes; None: unbounded). A write to a full buffer waits for a flush
     up to ``backpressure_timeout_s`` (0: not at all), then raises BackpressureError.
+    ``shard_wait_s``: how long a call waits for a shard that Ray is restarting before it
+    raises ShardUnavailableError.
     ``journal``: every shard appends each buffered write to a journal before acknowledging
     it, and replays it when Ray restarts the shard (shards restart by default) or a later
     ``init`` uses the same name: True (default) keeps it in a per-cache folder (see
@@ -157,6 +160,9 @@ def init(
             backpressure_timeout_s, (int, float)) or backpressure_timeout_s < 0:
         raise ValueError(f"backpressure_timeout_s must be a number >= 0, got "
                          f"{backpressure_timeout_s!r}")
+    if isinstance(shard_wait_s, bool) or not isinstance(shard_wait_s, (int, float)) or \
+            shard_wait_s <= 0:
+        raise ValueError(f"shard_wait_s must be a number of seconds > 0, got {shard_wait_s!r}")
     if not isinstance(journal, (bool, str, os.PathLike)):
         raise TypeError(f"journal must be True, False or a directory, got {journal!r}")
     if fsync not in FSYNC_MODES:
@@ -183,7 +189,8 @@ def init(
                    journal=journal_directory(journal, name), fsync=fsync)
     return Cache(control.start_cache(
         name, num_shards, connectors, options, cache_key=cache_key,
-        checkpoint_handler=checkpoint_handler, detached=detached, shard_options=shard_options))
+        checkpoint_handler=checkpoint_handler, detached=detached, shard_options=shard_options,
+        shard_wait_s=float(shard_wait_s)))
 
 
 def journal_directory(journal: str | os.PathLike[str] | bool, name: str) -> str | None:

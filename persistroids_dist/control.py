@@ -198,7 +198,7 @@ def spec_of(coordinator: Any) -> CacheSpec:
 
 def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict[str, Any],
                 *, cache_key: Any, checkpoint_handler: Any, detached: bool,
-                shard_options: dict[str, Any] | None) -> CacheSpec:
+                shard_options: dict[str, Any] | None, shard_wait_s: float = 30.0) -> CacheSpec:
     """Start the shard actors and the coordinator of a new cache; its spec. On any failure
     every actor started here is removed again."""
     secret = os.urandom(32)
@@ -218,6 +218,7 @@ def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict
         spec = CacheSpec(name=name, secret=secret, num_shards=num_shards, shards=shards,
                          addresses=addresses, cache_key=cache_key, detached=detached,
                          allow_pickle=options.get("allow_pickle", True),
+                         shard_wait_s=shard_wait_s,
                          functions=dict(options.get("functions") or {}))
         coord_opts = {"num_cpus": 0, "namespace": NAMESPACE, "name": _actor_name(name)}
         if detached:
