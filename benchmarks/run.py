@@ -59,6 +59,7 @@ from benchmarks import (  # noqa: F401  (importing a case module registers its c
     b6_flush,
     b7_memory,
     c1_connectors,
+    j1_journal,
     k1_keys,
 )
 from benchmarks.harness import CASES, Ctx, Row, cleanup, machine, markdown_report, pc, table_lines

@@ -48,6 +48,7 @@ class Journal:
         self._lock = threading.Lock()
         self._buf = bytearray()
         self._unsynced = False
+        self._unsynced_segments: set[int] = set()  # closed by rotate() before an fsync
         self._closed = False
         existing = self._segments()
         self._first_new = (existing[-1] + 1) if existing else 0
@@ -148,20 +149,36 @@ class Journal:
         The shard calls this when a flush takes its buffer."""
         with self._lock:
             self._write_buffer()
+            # No fsync here (a flush per ~100 writes would pay one each): if the flush
+            # stores everything, this segment goes anyway; if not, ``keep`` syncs it.
             if self._unsynced and self.fsync != "off":
-                os.fsync(self._fd)
-                self._unsynced = False
+                self._unsynced_segments.add(self._seg)
+            self._unsynced = False
             os.close(self._fd)
             last = self._seg
             self._seg += 1
             self._fd = self._open(self._seg)
             return last
 
+    def keep(self, upto: int) -> None:
+        """A flush failed: the segments up to ``upto`` stay, so make them durable."""
+        for seg in sorted(s for s in self._unsynced_segments if s <= upto):
+            try:
+                fd = os.open(self._path(seg), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except FileNotFoundError:
+                pass
+            self._unsynced_segments.discard(seg)
+
     def release(self, upto: int) -> None:
         """Remove the segments up to ``upto``: a flush stored everything they hold."""
         for seg in self._segments():
             if seg > upto:
                 break
+            self._unsynced_segments.discard(seg)
             try:
                 os.unlink(self._path(seg))
             except FileNotFoundError:

@@ -658,6 +658,8 @@ class ShardCore:
             # Jitter: shards that failed together do not retry in lockstep.
             self._retry_at = self._clock() + self._backoff * random.uniform(0.5, 1.0)
             self.c["retries"] += 1
+            if segment is not None:
+                self.journal.keep(segment)
             if explicit:
                 raise FlushError(self.index, failed)
             return 0
