@@ -5,6 +5,8 @@ end)."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import ray
@@ -12,6 +14,15 @@ import ray
 import persistroids_dist as pd
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# Shard journals of this session's caches go to a folder of its own (removed at the end), so
+# a cache name reused by a later run never replays what a crashed test left behind.
+_JOURNALS = tempfile.mkdtemp(prefix="persistroids-test-journals-")
+os.environ["PERSISTROIDS_JOURNAL_DIR"] = _JOURNALS
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_JOURNALS, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
