@@ -199,7 +199,8 @@ class Journal:
         if remove:  # the folder is this shard's own: its segments and its restart count
             for name in os.listdir(self.directory):
                 os.unlink(os.path.join(self.directory, name))
-            try:
-                os.rmdir(self.directory)
-            except OSError:
-                pass
+            for folder in (self.directory, os.path.dirname(self.directory)):
+                try:  # the cache's folder goes with its last shard's
+                    os.rmdir(folder)
+                except OSError:
+                    break
