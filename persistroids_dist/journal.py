@@ -72,6 +72,7 @@ class Journal:
         return sorted(int(m.group(1)) for name in names if (m := _SEGMENT.match(name)))
 
     def _open(self, seg: int) -> int:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)  # if someone removed it
         return os.open(self._path(seg), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
     @property
