@@ -1,0 +1,267 @@
+"""A store outage against a PostgreSQL server the test starts itself (initdb into a temp
+folder, its own port; never the shared server): stopped and restarted while a writer keeps
+writing and a reader times reads of cached keys. Every acknowledged write lands once the
+store is back; the reads slower than 0.5 s during the outage are counted and printed."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+
+import psycopg
+import pytest
+from psycopg import sql
+
+import persistroids_dist as pd
+from persistroids_dist.codec import decode_value
+from persistroids_dist.connectors.postgres import PostgresConnector
+
+SLOW_READ_S = 0.5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pg_bin_dir() -> str | None:
+    """The newest /usr/lib/postgresql/<version>/bin that has initdb and pg_ctl."""
+    def version(path: str) -> tuple[int, ...]:
+        v = path.split(os.sep)[-2]
+        return tuple(int(p) for p in v.split(".") if p.isdigit())
+
+    found = [d for d in glob.glob("/usr/lib/postgresql/*/bin")
+             if os.access(os.path.join(d, "initdb"), os.X_OK)
+             and os.access(os.path.join(d, "pg_ctl"), os.X_OK)]
+    return max(found, key=version) if found else None
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of this test's own (trust auth, 127.0.0.1, its own port), run as
+    the user postgres when the test runs as root (initdb refuses root)."""
+
+    def __init__(self, bin_dir: str) -> None:
+        self.bin = bin_dir
+        self.port = free_port()
+        self.as_root = os.getuid() == 0
+        self.root = tempfile.mkdtemp(prefix="persistroids-pg-")
+        self.data = os.path.join(self.root, "data")
+        self.log = os.path.join(self.root, "server.log")
+        if self.as_root:
+            import pwd
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.running = False
+
+    def _run(self, *argv: str, timeout: float = 60) -> None:
+        cmd = [os.path.join(self.bin, argv[0]), *argv[1:]]
+        if self.as_root:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=timeout, cwd=self.root)
+        if done.returncode != 0:
+            log = ""
+            if os.path.exists(self.log):
+                with open(self.log, errors="replace") as f:
+                    log = f.read()[-2000:]
+            raise RuntimeError(f"{argv[0]} failed ({done.returncode}): {done.stdout}\n{log}")
+
+    def initdb(self) -> None:
+        self._run("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                  "--no-sync", "--no-instructions")
+
+    def start(self) -> None:
+        opts = (f"-p {self.port} -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off "
+                "-c shared_buffers=16MB -c max_connections=30")
+        self._run("pg_ctl", "-D", self.data, "-l", self.log, "-o", opts, "-w", "-t", "60",
+                  "start")
+        self.running = True
+
+    def stop(self) -> None:
+        if self.running:
+            self._run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "-t", "60", "stop")
+            self.running = False
+
+    def cleanup(self) -> None:
+        try:
+            if os.path.exists(os.path.join(self.data, "postmaster.pid")):
+                self.running = True  # stop whatever is left, even after a failed start
+            self.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def private_pg():
+    bin_dir = pg_bin_dir()
+    if bin_dir is None:
+        if os.environ.get("PERSISTROIDS_REQUIRE_SERVICES") == "1":
+            pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    pg = PrivatePostgres(bin_dir)
+    try:
+        pg.initdb()
+        pg.start()
+        yield pg
+    finally:
+        pg.cleanup()
+
+
+# private_pg comes before make_cache, so the cache is shut down before the server stops.
+def test_a_postgres_outage_loses_no_acknowledged_write(private_pg, make_cache):
+    table = f"pgout_{uuid.uuid4().hex[:10]}"
+    # A short connect timeout: a flush attempt against the stopped server gives up quickly.
+    connector = PostgresConnector(private_pg.dsn, table=table, connect_timeout_s=2,
+                                  statement_timeout_ms=5000)
+    cache = make_cache([connector], num_shards=2, millis_threshold=50)
+
+    acked: dict[tuple, int] = {}
+    for i in range(60):
+        acked[("before", i)] = cache.write(("before", i), i * 7, wait=True)
+    cache.flush_now()
+    # Cached keys of each shard, so each shard's reads are timed on their own.
+    cached: dict[int, list[tuple]] = {0: [], 1: []}
+    for i in range(60):
+        cached[cache.shard_of(("before", i))].append(("before", i))
+    assert cached[0] and cached[1]
+    assert [cache.read(("before", i)) for i in range(60)] == [i * 7 for i in range(60)]
+
+    phase = ["before"]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    # (phase when the read was sent, shard, seconds)
+    reads: list[tuple[str, int, float]] = []
+    acked_at: dict[tuple, float] = {}
+    sent_in: dict[tuple, str] = {}  # the phase each acknowledged stream write was sent in
+    write_errors: list[BaseException] = []  # BackpressureError: acceptable, not acknowledged
+    unexpected: list[tuple[tuple, BaseException]] = []  # any other error a write raised
+
+    def reader(shard: int) -> None:
+        keys = cached[shard]
+        i = 0
+        try:
+            while not stop.is_set():
+                key = keys[i % len(keys)]
+                current = phase[0]
+                t0 = time.monotonic()
+                value = cache.read(key)
+                reads.append((current, shard, time.monotonic() - t0))
+                assert value == acked[key], (key, value)
+                i += 1
+                time.sleep(0.005)
+        except BaseException as e:  # reported by the test thread
+            errors.append(e)
+
+    def writer(w: int) -> None:
+        i = 0
+        try:
+            while not stop.is_set() and i < 300:
+                key = ("stream", w, i)
+                current = phase[0]
+                i += 1
+                try:
+                    cache.write(key, i, wait=True)
+                except pd.BackpressureError as e:  # not expected: max_pending is the default
+                    write_errors.append(e)
+                    continue
+                except Exception as e:  # not acknowledged; reported after the loss check
+                    unexpected.append((key, e))
+                    continue
+                sent_in[key] = current
+                acked[key] = i  # recorded once the shard acknowledged it
+                acked_at[key] = time.monotonic()
+                time.sleep(0.01)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(s,), daemon=True) for s in (0, 1)]
+    threads += [threading.Thread(target=writer, args=(w,), daemon=True) for w in (0, 1)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)  # a healthy stream first
+        phase[0] = "outage"
+        private_pg.stop()
+        down_at = time.monotonic()
+        time.sleep(6.0)  # long enough for flush attempts to fail
+        up_at = time.monotonic()
+        private_pg.start()
+        phase[0] = "after"
+        time.sleep(1.5)  # the stream goes on against the restarted server
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    if errors:
+        raise errors[0]
+    assert not any(t.is_alive() for t in threads)
+
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline and cache.metrics()["total"]["pending"]:
+        time.sleep(0.1)
+    m_end = cache.metrics()["total"]
+    assert m_end["pending"] == 0, m_end
+    assert cache.dead_letters() == []  # a store that was down is not a poison write
+    cache.flush_now()
+
+    # Read every acknowledged key back from the private server itself, not through the cache.
+    with psycopg.connect(private_pg.dsn, autocommit=True) as conn:
+        rows = conn.execute(sql.SQL("SELECT k, v FROM {}").format(sql.Identifier(table)))
+        stored = {decode_value(bytes(k)): decode_value(bytes(v)) for k, v in rows.fetchall()}
+    missing = [k for k in acked if k not in stored]
+    wrong = [k for k in acked if k in stored and stored[k] != acked[k]]
+
+    n_down = sum(1 for t in acked_at.values() if down_at <= t < up_at)
+    n_sent_outage = sum(1 for p in sent_in.values() if p == "outage")
+    outage = [(s, t) for p, s, t in reads if p == "outage"]
+    slow = [(s, t) for s, t in outage if t > SLOW_READ_S]
+    print(f"\n[pg outage] acknowledged writes: {len(acked)}; {n_sent_outage} sent during the "
+          f"outage, {n_down} acknowledged while the server was down; flush_errors: "
+          f"{m_end['flush_errors']}, backpressure refusals: {m_end['backpressure_refusals']}")
+    for shard in (0, 1):
+        ts = [t for s, t in outage if s == shard]
+        print(f"[pg outage] shard {shard}: cached-key reads during the outage: {len(ts)}, "
+              f"slower than {SLOW_READ_S} s: {sum(t > SLOW_READ_S for t in ts)}, "
+              f"max {max(ts, default=0):.3f} s, "
+              f"{sum(t for t in ts if t > SLOW_READ_S):.1f} s spent in slow reads")
+    print(f"[pg outage] all shards: {len(outage)} reads during the outage, {len(slow)} slow, "
+          f"max {max((t for _, t in outage), default=0):.3f} s; max before: "
+          f"{max((t for p, _, t in reads if p == 'before'), default=0):.3f} s, max after the "
+          f"restart: {max((t for p, _, t in reads if p == 'after'), default=0):.3f} s")
+
+    print(f"[pg outage] writes refused with BackpressureError: {len(write_errors)}, writes "
+          f"that raised another error: {len(unexpected)} {[repr(e) for _, e in unexpected[:3]]}")
+
+    assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
+    assert not wrong, f"{len(wrong)} acknowledged writes stored with a wrong value: {wrong[:5]}"
+    # Writes sent during the outage are acknowledged (buffered), but not necessarily while the
+    # server is down: a shard in a failing flush holds back its writers too (see below).
+    assert n_sent_outage >= 1, "no write sent during the outage was acknowledged"
+    assert m_end["flush_errors"] >= 1
+    # Not asserted yet: zero slow reads of cached keys during the outage. Today a shard holds
+    # its lock during connector I/O, so a flush attempt against the stopped server blocks that
+    # shard's reads for up to the connector's connect timeout (more, with the retries of a
+    # failed batch). The "no slow reads" assertion waits for the background-flusher change
+    # (issue 8: stores off the hot path); until then the count is only printed.
+    # Checked last, so a run that hits it still reports the loss check above. A write may
+    # fail only with BackpressureError (none expected here: max_pending is the default); one
+    # that raised anything else was not acknowledged (its key is not in `acked`), but the
+    # error itself is a bug of the cache.
+    described = "; ".join(f"{k}: {type(e).__name__}: {e}" for k, e in unexpected[:5])
+    if unexpected and all(isinstance(e, IndexError) for _, e in unexpected):
+        # Known bug (shard.py ShardCore._flush_one): when the store comes back during the
+        # bisection of a failed batch, every half is stored and nothing is refused, yet the
+        # "refused ... and stored the rest" warning indexes refused[0]. The IndexError escapes
+        # _flush into the write that triggered the flush (or the timed flush's log). Shown as
+        # XFAIL (after the loss checks above passed) until it is fixed, then this is unused.
+        pytest.xfail(f"known IndexError in ShardCore._flush_one after a recovery: {described}")
+    assert not unexpected, f"writes raised unexpected errors: {described}"
