@@ -692,7 +692,12 @@ class ShardCore:
             error = e
         self.c["flush_errors"] += 1
         self.last_errors[cid] = f"{type(error).__name__}: {error}"
-        kept, refused, stored = self._isolate(conn, list(payloads.items()), error)
+        if isinstance(error, OSError):
+            # The store is unreachable (connectors raise ConnectionError/TimeoutError for
+            # that): bisecting would only wait on it again, up to 6 more times.
+            kept, refused, stored = [(kb, p, error) for kb, p in payloads.items()], [], False
+        else:
+            kept, refused, stored = self._isolate(conn, list(payloads.items()), error)
         if len(payloads) == 1 and not refused:
             # A lone payload cannot be told from a store that is down, unless it was singled
             # out before and the store refuses it with the very same error again.
@@ -707,9 +712,11 @@ class ShardCore:
                 self._bury(cid, kb, payload, e, n)
             else:
                 kept.append((kb, payload, e))
-        if stored:
+        if refused:
             log.warning("shard %d: %s refused %d payload(s) of %d and stored the rest: %r",
                         self.index, cid, len(refused), len(payloads), refused[0][2])
+        elif stored:  # it came back while the batch was being split: all of it stored
+            pass
         else:
             _warn_limited(log, ("flush", self.index, cid),
                           "shard %d: flush of %d payloads to %s failed: %r",

@@ -257,11 +257,6 @@ def test_a_postgres_outage_loses_no_acknowledged_write(private_pg, make_cache):
     # that raised anything else was not acknowledged (its key is not in `acked`), but the
     # error itself is a bug of the cache.
     described = "; ".join(f"{k}: {type(e).__name__}: {e}" for k, e in unexpected[:5])
-    if unexpected and all(isinstance(e, IndexError) for _, e in unexpected):
-        # Known bug (shard.py ShardCore._flush_one): when the store comes back during the
-        # bisection of a failed batch, every half is stored and nothing is refused, yet the
-        # "refused ... and stored the rest" warning indexes refused[0]. The IndexError escapes
-        # _flush into the write that triggered the flush (or the timed flush's log). Shown as
-        # XFAIL (after the loss checks above passed) until it is fixed, then this is unused.
-        pytest.xfail(f"known IndexError in ShardCore._flush_one after a recovery: {described}")
+    # (An IndexError in ShardCore._flush_one when the store came back mid-bisection showed
+    # here until it was fixed: any error of that kind fails this test now.)
     assert not unexpected, f"writes raised unexpected errors: {described}"
