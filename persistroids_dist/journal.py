@@ -118,8 +118,8 @@ class Journal:
     def commit(self) -> None:
         """Hand the buffered records to the kernel (and the disk, with ``fsync="always"``).
         The shard calls this before it sends the answers of a batch of requests."""
-        if not self._buf:
-            return
+        # Always under the lock, even with nothing buffered: another thread may be writing
+        # records this caller's answers depend on; they must reach the kernel first.
         with self._lock:
             self._write_buffer()
             if self.fsync == "always":

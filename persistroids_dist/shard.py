@@ -151,6 +151,7 @@ class ShardCore:
         self.max_bytes = max_bytes
         self.checkpoint_handler = checkpoint_handler
         self._clock = clock
+        self.last_errors: dict[str, str] = {}
         self.max_attempts = max_attempts
         # The bound of the write buffer (``full()``; the host makes writers wait on it).
         self.max_pending = max_pending
@@ -192,9 +193,19 @@ class ShardCore:
              "checkpoint_errors", "over_capacity", "deletes", "expired", "replayed",
              "replay_errors", "retries", "dead_letters", "backpressure_waits",
              "backpressure_refusals"), 0)
-        self.last_errors: dict[str, str] = {}
+        # A store that is down must not keep the shard from starting: Ray would then give
+        # up restarting it, and its journal would never be replayed. Connect it again before
+        # its next use (the flush timer retries with backoff; a read miss raises).
+        self._unconnected: list[BaseConnector] = []
         for conn in self.connectors:
-            self._call(conn.connect)
+            try:
+                self._call(conn.connect)
+            except Exception as e:
+                self._unconnected.append(conn)
+                self.last_errors[conn.get_id()] = f"{type(e).__name__}: {e}"
+                log.warning("shard %d: %s is unreachable at start (%r); the shard serves "
+                            "from memory and connects it when it is back", index,
+                            conn.get_id(), e)
         # Per connector, the callable a write goes through, resolved once so that the
         # per-write path does no attribute lookups or awaitable checks.
         self._writers = [self._writer(conn) for conn in self.connectors]
@@ -371,6 +382,8 @@ class ShardCore:
         One batched call per connector that has ``read_many``; with a single connector that
         reads encoded bytes and the default merge, values are never decoded here at all.
         """
+        for conn in self._unconnected[:]:
+            self._connected(conn)
         if self._encoded_reader is not None:
             conn = self.connectors[0]
             rows = self._rows(conn, self._call(self._encoded_reader, encoded), encoded,
@@ -683,9 +696,17 @@ class ShardCore:
                 log.exception("shard %d: checkpoint handler failed", self.index)
         return len(dirty)
 
+    def _connected(self, conn: BaseConnector) -> None:
+        """Connect ``conn`` if it could not be connected at start; raise if it still can't."""
+        if self._unconnected and conn in self._unconnected:
+            self._call(conn.connect)
+            self._unconnected.remove(conn)
+            log.warning("shard %d: %s is connected now", self.index, conn.get_id())
+
     def _flush_one(self, conn: Connector, cid: str, payloads: dict[bytes, Any],
                    failed: dict[str, BaseException], failed_keys: set[bytes]) -> None:
         try:
+            self._connected(conn)
             self._call(conn.flush, list(payloads.values()))
             return
         except Exception as e:

@@ -375,7 +375,7 @@ class Connection:
     ``send`` queues a request without waiting for its response (at most ``max_unacked`` are in
     flight, which bounds both ends' buffers); ``call`` sends one and waits for its result,
     first consuming earlier responses. An error answering a pipelined request is kept and
-    raised by the next ``call`` or ``sync``. Not thread-safe: hold ``lock`` around use.
+    raised by the next ``sync``. Not thread-safe: hold ``lock`` around use.
     """
 
     def __init__(self, address: dict[str, Any], secret: bytes, *, max_unacked: int = 512,
@@ -509,10 +509,11 @@ class Connection:
         self._sendall(frame)
 
     def finish(self) -> Any:
-        """Consume earlier pipelined answers, then return the last request's result."""
+        """Consume earlier pipelined answers, then return the last request's result. An
+        error of an earlier pipelined request is kept for ``sync`` (raising it here would
+        hide this request's own result, and ``sync`` would then report success)."""
         self._drain(1)
         status, result = self._recv_answer()
-        self._raise_deferred()
         if status:
             raise pickle.loads(result)
         return result

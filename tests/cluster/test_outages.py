@@ -99,3 +99,36 @@ def test_a_store_outage_fills_the_buffer_to_its_bound_and_loses_nothing(make_cac
     assert len(during) >= 250
     assert probe.read_many(list(during)) == list(during.values())
     probe.disconnect()
+
+
+def test_a_shard_killed_while_its_store_is_down_comes_back_and_replays(make_cache,
+                                                                       private_redis):
+    # Bug (found by the soak run): a restarted shard whose store was down failed in its
+    # constructor (the connector's connect), so Ray gave up on it and its journal, with
+    # acknowledged writes, was never replayed.
+    url = f"redis://127.0.0.1:{private_redis.port}/0"
+    prefix = f"kd-{uuid.uuid4().hex[:6]}:"
+    cache = make_cache([RedisConnector(url, prefix=prefix)], num_shards=1,
+                       writes_threshold=10**6, millis_threshold=600_000)
+    acked = {("w", i): cache.write(("w", i), i, wait=True) for i in range(50)}
+    old_pid = cache.metrics()["shards"][0]["pid"]
+    private_redis.stop()
+    os.kill(old_pid, 9)
+    deadline = time.monotonic() + 60
+    m = None
+    while time.monotonic() < deadline:
+        try:
+            m = cache.metrics()["shards"][0]
+            if m["pid"] != old_pid:
+                break
+        except pd.PersistroidsError:
+            pass
+        time.sleep(0.1)
+    assert m is not None and m["pid"] != old_pid and m["replayed"] == 50
+    assert cache.read_many(list(acked)) == list(acked.values())  # served from memory
+    private_redis.start()
+    cache.flush_now()
+    probe = RedisConnector(url, prefix=prefix)
+    probe.connect()
+    assert probe.read_many(list(acked)) == list(acked.values())
+    probe.disconnect()

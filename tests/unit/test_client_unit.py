@@ -136,3 +136,21 @@ def test_a_store_error_that_is_an_oserror_is_not_taken_for_a_broken_connection()
         cache._pool.close()
     finally:
         h.close()
+
+
+def test_a_refused_pipelined_write_is_reported_by_sync_not_by_the_next_call(host):
+    # Bug (found by the soak run): the refusal of a pipelined write was raised by the
+    # process's next call to that shard instead of its own result (an update that was
+    # applied looked failed), and the next sync() then reported success.
+    cache = handle(host)
+    cache.write("x", "bad")  # refused by the store's write(): surfaces at sync
+    assert cache.update("n", _plus_one) == 1  # its own result, applied
+    assert cache.read("n") == 1
+    with pytest.raises(WriteError, match="does not take 'bad'"):
+        cache.sync()
+    cache.sync()  # reported once
+    cache._pool.close()
+
+
+def _plus_one(v):
+    return v + 1
