@@ -74,8 +74,6 @@ import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -90,6 +88,7 @@ import ray
 import persistroids_dist as pd
 from persistroids_dist.codec import encode_key, encode_value
 from persistroids_dist.connectors.redis import RedisConnector
+from persistroids_dist.connectors.testing import PrivateRedis
 
 
 def store_error(e: BaseException) -> bool:
@@ -232,55 +231,6 @@ def soak_worker(cache: pd.Cache, wid: int, deadline: float, rate: float, sync_ev
             "ctr_refused": ctr_refused, "errors": {k: dict(v) for k, v in errors.items()},
             "mismatches": mismatches, "n_mismatch": n_mismatch,
             "regressions": regressions, "n_regress": n_regress}
-
-
-# -- the private store -------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PrivateRedis:
-    """A redis-server of the soak's own, stopped and started at will. The append-only file
-    keeps what it stored across a stop (SIGTERM writes it out)."""
-
-    def __init__(self, directory: str) -> None:
-        self.port = free_port()
-        self.dir = directory
-        self.proc: subprocess.Popen | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server is not installed (the soak needs one of its own)")
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "everysec", "--dir", self.dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("the private redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()  # our own process, by its pid
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-            self.proc = None
-
-    @property
-    def up(self) -> bool:
-        return self.proc is not None
 
 
 # -- sampling ----------------------------------------------------------------------------------
@@ -549,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(seed)
     tmp = tempfile.mkdtemp(prefix="persistroids-soak-")
     os.makedirs(os.path.join(tmp, "redis"))
-    redis = PrivateRedis(os.path.join(tmp, "redis"))
+    redis = PrivateRedis(os.path.join(tmp, "redis"), appendonly=True)
     cache: pd.Cache | None = None
     code = 2
     try:

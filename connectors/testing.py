@@ -30,8 +30,11 @@ import contextlib
 import inspect
 import os
 import pickle
+import shutil
 import socket
+import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -49,7 +52,8 @@ from persistroids_dist.codec import decode_value
 from persistroids_dist.errors import FlushError
 from persistroids_dist.shard import ShardCore
 
-__all__ = ["ConnectorContract", "Outage", "TcpProxy", "require_service", "values_equal"]
+__all__ = ["ConnectorContract", "Outage", "PrivateRedis", "TcpProxy", "free_port",
+           "require_service", "values_equal"]
 
 #: Values every connector must round-trip exactly (None is excluded: it means "absent").
 SAMPLE_VALUES: list[Any] = [
@@ -91,6 +95,56 @@ def require_service(name: str, host: str, port: int, timeout_s: float = 1.0) -> 
     if os.environ.get("PERSISTROIDS_REQUIRE_SERVICES") == "1":
         pytest.fail(f"{message}; PERSISTROIDS_REQUIRE_SERVICES=1 requires it", pytrace=False)
     pytest.skip(f"{message}; set PERSISTROIDS_REQUIRE_SERVICES=1 to fail instead")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateRedis:
+    """A redis-server of the caller's own on a free port, stopped and started at will (for
+    outage tests; never the shared server). With ``appendonly``, what it stored survives a
+    stop (SIGTERM writes the append-only file out); without, it comes back empty."""
+
+    def __init__(self, directory: str | os.PathLike[str], appendonly: bool = False) -> None:
+        self.port = free_port()
+        self.dir = os.fspath(directory)
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed")
+        os.makedirs(self.dir, exist_ok=True)
+        aof = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.appendonly else \
+            ["--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *aof,
+             "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("the private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()  # our own process, by its pid
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+            self.proc = None
 
 
 class TcpProxy:
