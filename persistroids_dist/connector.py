@@ -51,6 +51,16 @@ class Connector(Protocol):
         ...
 
 
+# Each fast path, and the methods it stands for: a class that overrides one of those without
+# overriding the fast path gets the fast path's default (which calls them).
+_FAST_PATHS = (
+    ("read_many", ("read",)),
+    ("read_many_encoded", ("read", "read_many")),
+    ("write_encoded", ("write",)),
+    ("delete", ("write", "flush")),
+)
+
+
 class BaseConnector:
     """The base class of connectors: three methods to write, the rest has defaults.
 
@@ -80,22 +90,11 @@ class BaseConnector:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         own = cls.__dict__
-        if "read_many" in own:
-            cls._own_read_many = True
-        elif "read" in own:
-            cls._own_read_many = False
-        if "read_many_encoded" in own:
-            cls._own_read_many_encoded = True
-        elif "read" in own or "read_many" in own:
-            cls._own_read_many_encoded = False
-        if "write_encoded" in own:
-            cls._own_write_encoded = True
-        elif "write" in own:
-            cls._own_write_encoded = False
-        if "delete" in own:
-            cls._own_delete = True
-        elif "write" in own or "flush" in own:
-            cls._own_delete = False
+        for fast, stands_for in _FAST_PATHS:
+            if fast in own:
+                setattr(cls, f"_own_{fast}", True)
+            elif any(name in own for name in stands_for):
+                setattr(cls, f"_own_{fast}", False)  # its default then calls the override
 
     def get_id(self) -> str:
         """A stable id, unique among the cache's connectors (default: ``self.id``)."""
