@@ -54,6 +54,8 @@ class Journal:
         self._first_new = (existing[-1] + 1) if existing else 0
         self._seg = self._first_new
         self._fd = self._open(self._seg)
+        self._seg_bytes = 0  # written to the current segment
+        self._released = -1  # segments up to this one are gone
         self.appended = 0
         self._stop = threading.Event()
         if fsync == "interval":
@@ -130,6 +132,7 @@ class Journal:
         if self._buf and not self._closed:
             data = bytes(self._buf)
             self._buf.clear()
+            self._seg_bytes += len(data)
             done = os.write(self._fd, data)
             while done < len(data):  # a short write (rare for regular files)
                 done += os.write(self._fd, data[done:])
@@ -145,11 +148,16 @@ class Journal:
                     self._unsynced = False
 
     # -- trimming -------------------------------------------------------------------------
-    def rotate(self) -> int:
-        """Start a new segment; return the last one, which holds every record so far.
-        The shard calls this when a flush takes its buffer."""
+    def rotate(self, min_bytes: int = 0) -> int:
+        """Called when a flush takes the shard's buffer. If the current segment holds
+        ``min_bytes`` or more, start a new one. Returns the last closed segment: every record
+        in it and before it is in this flush (``release`` it once the flush stored all).
+        Records stay in the open segment until a later rotation: a replay then applies a
+        few already-stored writes again, in order, which leaves the same state."""
         with self._lock:
             self._write_buffer()
+            if self._seg_bytes < min_bytes:
+                return self._seg - 1
             # No fsync here (a flush per ~100 writes would pay one each): if the flush
             # stores everything, this segment goes anyway; if not, ``keep`` syncs it.
             if self._unsynced and self.fsync != "off":
@@ -159,6 +167,7 @@ class Journal:
             last = self._seg
             self._seg += 1
             self._fd = self._open(self._seg)
+            self._seg_bytes = 0
             return last
 
     def keep(self, upto: int) -> None:
@@ -176,6 +185,9 @@ class Journal:
 
     def release(self, upto: int) -> None:
         """Remove the segments up to ``upto``: a flush stored everything they hold."""
+        if upto <= self._released:
+            return
+        self._released = upto
         for seg in self._segments():
             if seg > upto:
                 break

@@ -83,6 +83,10 @@ def _show_key(kb: bytes) -> Any:
         return kb
 
 
+#: A flush starts a new journal segment once the current one holds this much (so small,
+#: frequent flushes do not each pay a file rotation).
+_JOURNAL_SEGMENT_BYTES = 1 << 20
+
 _last_warning: dict[Any, float] = {}
 
 
@@ -646,7 +650,8 @@ class ShardCore:
         if not dirty:
             return 0
         # Every journal record so far is in this snapshot (appends happen under this lock).
-        segment = self.journal.rotate() if self.journal is not None else None
+        segment = (self.journal.rotate(_JOURNAL_SEGMENT_BYTES) if self.journal is not None
+                   else None)
         self.c["flush_calls"] += 1
         failed: dict[str, BaseException] = {}
         failed_keys: set[bytes] = set()

@@ -50,7 +50,14 @@ def test_a_torn_last_record_ends_recovery_without_losing_earlier_ones(tmp_path):
     assert [r[1] for r in again.recovered()] == [kb("a")]
 
 
-def test_a_crashed_shard_recovers_every_acknowledged_write_and_delete(tmp_path):
+@pytest.fixture
+def rotate_every_flush(monkeypatch):
+    """Every flush starts a new segment (in use: once a segment holds 1 MiB)."""
+    monkeypatch.setattr("persistroids_dist.shard._JOURNAL_SEGMENT_BYTES", 0)
+
+
+def test_a_crashed_shard_recovers_every_acknowledged_write_and_delete(tmp_path,
+                                                                        rotate_every_flush):
     j = Journal(str(tmp_path / "j"), fsync="interval")
     core = core_over(tmp_path, j)
     core.write(kb("a"), None, encode_value("stored"))
@@ -76,7 +83,8 @@ def test_a_crashed_shard_recovers_every_acknowledged_write_and_delete(tmp_path):
     assert os.path.getsize(os.path.join(j2.directory, segments(j2)[0])) == 0
 
 
-def test_a_failed_flush_keeps_its_records_until_a_later_flush_stores_them(tmp_path):
+def test_a_failed_flush_keeps_its_records_until_a_later_flush_stores_them(tmp_path,
+                                                                           rotate_every_flush):
     j = Journal(str(tmp_path / "j"), fsync="off")
     store = SQLiteConnector(tmp_path / "store.db")
     core = ShardCore([store], journal=j, writes_threshold=10**9, millis_threshold=1e9)
@@ -112,3 +120,24 @@ def test_close_with_remove_deletes_the_journal(tmp_path):
     assert not os.path.exists(tmp_path / "j" / "shard0")
     with pytest.raises(ValueError, match="fsync"):
         Journal(str(tmp_path / "k"), fsync="sometimes")
+
+
+def test_small_flushes_share_a_segment_and_replaying_it_gives_the_same_state(tmp_path):
+    # In use a segment is rotated once it holds 1 MiB, so it may still hold writes a flush
+    # stored; replaying them again, in order, must leave the same state.
+    j = Journal(str(tmp_path / "j"), fsync="off")
+    core = core_over(tmp_path, j)
+    core.write(kb("k"), None, encode_value(1))
+    core.flush()
+    core.write(kb("k"), None, encode_value(2))
+    core.delete(kb("gone"))
+    core.write(kb("m"), None, encode_value("pending"))
+    j.commit()
+    assert len(segments(j)) == 1  # no rotation for a small segment
+    j2 = Journal(str(tmp_path / "j"))
+    fresh = core_over(tmp_path, j2)
+    assert fresh.replay(j2.recovered()) == 4  # the stored write of k=1 comes back too
+    fresh.flush()
+    probe = core_over(tmp_path, None)
+    assert decode_value(probe.read(kb("k"))) == 2
+    assert decode_value(probe.read(kb("m"))) == "pending"
