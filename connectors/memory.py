@@ -42,9 +42,8 @@ class MemoryConnector(MsgpackRowsConnector):
 
     def flush(self, payloads: list[Any]) -> None:
         state = self.state
-        for k, v in payloads:
-            if v is None:
-                state.pop(k, None)
-            else:
-                state[k] = v
+        deleted = [k for k, v in payloads if v is None]  # delete payloads: (key, None)
+        state.update(payloads)
+        for k in deleted:
+            del state[k]
         self.flushed_batches += 1

@@ -47,6 +47,10 @@ class Journal:
         self.fsync = fsync
         self._lock = threading.Lock()
         self._buf = bytearray()
+        # One packer for every record: msgpack.packb would build one (with a 256 KiB
+        # buffer) per write. Records hold only bytes, ints, floats and None: packing never
+        # fails half-way or runs Python code.
+        self._packer = msgpack.Packer(autoreset=True)
         self._unsynced = False
         self._unsynced_segments: set[int] = set()  # closed by rotate() before an fsync
         self._closed = False
@@ -112,9 +116,8 @@ class Journal:
     # -- appending ------------------------------------------------------------------------
     def append(self, record: list[Any]) -> None:
         """Buffer ``record``; ``commit`` writes it (before its write is acknowledged)."""
-        data = msgpack.packb(record)
-        with self._lock:
-            self._buf += data
+        with self._lock:  # the lock also keeps the packer to one thread at a time
+            self._buf += self._packer.pack(record)
             self.appended += 1
 
     def commit(self) -> None:

@@ -252,8 +252,9 @@ class ShardCore:
             self._bytes += len(kb)
         entries[kb] = vb
         self._bytes += len(vb)
-        if self._over_capacity():
-            self._evict()
+        if len(entries) > self.max_entries or self.max_bytes is not None:
+            if self._over_capacity():
+                self._evict()
 
     def _drop(self, kb: bytes) -> None:
         """Forget the cached entry of ``kb`` (never one with a pending write)."""
@@ -454,24 +455,29 @@ class ShardCore:
         if self._buffer(kb, payloads, len(kb) + len(vb)) and self.journal is not None:
             self.journal.append([WRITE, kb, ab, vb, ttl_s])
         self._put(kb, vb)
-        self._absent.discard(kb)
-        self._set_ttl(kb, ttl_s)
+        # The per-write path: only touch what is in use.
+        if self._absent:
+            self._absent.discard(kb)
+        if ttl_s is not None or self.ttl_s is not None or self._expires:
+            self._set_ttl(kb, ttl_s)
 
     def _buffer(self, kb: bytes, payloads: list[Any], size: int) -> bool:
         """Buffer one payload per connector for ``kb``, replacing an older one (a later
         write or delete of a key wins over an earlier one); whether any was buffered.
         ``size``: the bytes it counts for in ``max_pending_bytes``."""
         dirty = False
+        pending = self._pending
         for cid, payload in zip(self._ids, payloads):
             if payload is not None:
-                self._pending[cid][kb] = payload
+                pending[cid][kb] = payload
                 dirty = True
         if dirty:
             if self._oldest_pending is None:
                 self._oldest_pending = self._clock()
             self._dirty.add(kb)
-            self._pending_bytes += size - self._pending_sizes.get(kb, 0)
-            self._pending_sizes[kb] = size
+            sizes = self._pending_sizes
+            self._pending_bytes += size - sizes.get(kb, 0)
+            sizes[kb] = size
         if self._dead or self._attempts:  # a newer write or delete supersedes a refused one
             for cid in self._ids:
                 self._dead.pop((cid, kb), None)
@@ -503,9 +509,13 @@ class ShardCore:
         n = 0
         errors: list[tuple[int, BaseException]] = []
         with self._lock:
+            write1 = self._write1
             for i, item in enumerate(items):
                 try:
-                    self._write1(*item)
+                    if len(item) == 3:
+                        write1(item[0], item[1], item[2])
+                    else:
+                        write1(*item)  # with a time to live
                     n += 1
                 except Exception as e:
                     errors.append((i, e))
