@@ -119,8 +119,6 @@ def poll(owner: bytes, ttl_ms: float, wait_ms: float, grants: Sequence[Sequence[
 
 INVALIDATE_ALL = _packb([Op.INVALIDATE_ALL])
 METRICS = _packb([Op.METRICS])
-PING = _packb([Op.PING])
-FLUSH = _packb([Op.FLUSH])
 DEAD_LETTERS = _packb([Op.DEAD_LETTERS])
 RETRY_DEAD_LETTERS = _packb([Op.RETRY_DEAD_LETTERS])
 DISCARD_DEAD_LETTERS = _packb([Op.DISCARD_DEAD_LETTERS])
