@@ -197,9 +197,9 @@ def soak_worker(cache: pd.Cache, wid: int, deadline: float, rate: float, sync_ev
                 if store_error(e):
                     ctr_refused += 1  # the store read failed: not applied
                 else:
-                    # UNKNOWN: no answer. Any other error may be an earlier pipelined write's
-                    # (raised by this call instead of its result): applied or not, and the
-                    # write batch's outcome is unknown too.
+                    # UNKNOWN: no answer (applied or not). The write batch counts as unknown
+                    # too: conservative, since sync() (not this call) reports a refused
+                    # pipelined write now.
                     ctr_unknown[j] += 1
                     tainted = True
         else:
@@ -224,7 +224,7 @@ def soak_worker(cache: pd.Cache, wid: int, deadline: float, rate: float, sync_ev
             except Exception as e:
                 _err(errors["read"], e)
                 if not store_error(e):
-                    tainted = True  # maybe an earlier pipelined write's error
+                    tainted = True  # conservative: the connection may have broken
     close_batch()
     return {"wid": wid, "t0": t0, "t1": time.time(), **n, "acked": acked, "unknown": unknown,
             "ctr_acked": ctr_acked, "ctr_unknown": ctr_unknown,
