@@ -19,10 +19,9 @@ Load: ``--workers`` Ray tasks run for ``--minutes``, each paced at ``--rate`` op
 - ``update(("ctr", j), bump)`` on ``--counters`` counters shared by all workers: acknowledged
   when it returned; refused when the shard answered that the store could not be read (the
   key was not cached during an outage: nothing applied); unknown when it raised anything
-  else (UnacknowledgedWritesError, ShardUnavailableError, BackpressureError, ...: an error
-  of an earlier pipelined write surfaces on the next call of the process instead of that
-  call's result, so such an update may have been applied, and the write batch it falls in
-  counts as unknown too);
+  else (UnacknowledgedWritesError, ShardUnavailableError, BackpressureError, ...: such an
+  update may have been applied; the write batch it falls in counts as unknown too, to stay
+  conservative);
 - reads: of a random acknowledged key of the worker (must read back what was written) and of
   a counter (must never be lower than this worker saw it before: a regression). A read that
   fails because the store is down is expected during an outage (listed under read errors).
@@ -94,9 +93,7 @@ from persistroids_dist.connectors.testing import PrivateRedis
 def store_error(e: BaseException) -> bool:
     """Whether ``e`` is the call's own failure to read the store (the store is down, or sent
     garbage): the shard answered, and a read inside ``update`` that failed wrote nothing.
-    Such an error is never an earlier pipelined write's, which the next call of the process
-    raises instead of its own result (a pipelined write never reads a store): those are
-    WriteError, BackpressureError, CacheClosedError and the like."""
+    (An earlier pipelined write's refusal is reported by ``sync()``, never by this call.)"""
     if isinstance(e, pd.StoreDataError):
         return True
     return isinstance(e, ConnectionError) and not isinstance(e, pd.ShardUnavailableError)
