@@ -5,12 +5,7 @@ store is back; the reads slower than 0.5 s during the outage are counted and pri
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -22,82 +17,9 @@ from psycopg import sql
 import persistroids_dist as pd
 from persistroids_dist.codec import decode_value
 from persistroids_dist.connectors.postgres import PostgresConnector
+from persistroids_dist.connectors.testing import PrivatePostgres, pg_bin_dir
 
 SLOW_READ_S = 0.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pg_bin_dir() -> str | None:
-    """The newest /usr/lib/postgresql/<version>/bin that has initdb and pg_ctl."""
-    def version(path: str) -> tuple[int, ...]:
-        v = path.split(os.sep)[-2]
-        return tuple(int(p) for p in v.split(".") if p.isdigit())
-
-    found = [d for d in glob.glob("/usr/lib/postgresql/*/bin")
-             if os.access(os.path.join(d, "initdb"), os.X_OK)
-             and os.access(os.path.join(d, "pg_ctl"), os.X_OK)]
-    return max(found, key=version) if found else None
-
-
-class PrivatePostgres:
-    """A PostgreSQL cluster of this test's own (trust auth, 127.0.0.1, its own port), run as
-    the user postgres when the test runs as root (initdb refuses root)."""
-
-    def __init__(self, bin_dir: str) -> None:
-        self.bin = bin_dir
-        self.port = free_port()
-        self.as_root = os.getuid() == 0
-        self.root = tempfile.mkdtemp(prefix="persistroids-pg-")
-        self.data = os.path.join(self.root, "data")
-        self.log = os.path.join(self.root, "server.log")
-        if self.as_root:
-            import pwd
-            pw = pwd.getpwnam("postgres")
-            os.chown(self.root, pw.pw_uid, pw.pw_gid)
-        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-        self.running = False
-
-    def _run(self, *argv: str, timeout: float = 60) -> None:
-        cmd = [os.path.join(self.bin, argv[0]), *argv[1:]]
-        if self.as_root:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=timeout, cwd=self.root)
-        if done.returncode != 0:
-            log = ""
-            if os.path.exists(self.log):
-                with open(self.log, errors="replace") as f:
-                    log = f.read()[-2000:]
-            raise RuntimeError(f"{argv[0]} failed ({done.returncode}): {done.stdout}\n{log}")
-
-    def initdb(self) -> None:
-        self._run("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "-E", "UTF8",
-                  "--no-sync", "--no-instructions")
-
-    def start(self) -> None:
-        opts = (f"-p {self.port} -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off "
-                "-c shared_buffers=16MB -c max_connections=30")
-        self._run("pg_ctl", "-D", self.data, "-l", self.log, "-o", opts, "-w", "-t", "60",
-                  "start")
-        self.running = True
-
-    def stop(self) -> None:
-        if self.running:
-            self._run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "-t", "60", "stop")
-            self.running = False
-
-    def cleanup(self) -> None:
-        try:
-            if os.path.exists(os.path.join(self.data, "postmaster.pid")):
-                self.running = True  # stop whatever is left, even after a failed start
-            self.stop()
-        finally:
-            shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture
