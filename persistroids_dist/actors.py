@@ -110,16 +110,25 @@ class Coordinator:
                 errors[i] = e
         return out, errors
 
-    def shutdown(self, disconnect: bool = False) -> list[dict[str, Any]]:
+    def shutdown(self, disconnect: bool = False, timeout_s: float | None = None
+                 ) -> list[dict[str, Any]]:
         """Flush every shard, then close them all and remove the actors.
 
         Two phases, so a failure never half-closes the cache: if any shard cannot flush
         (its store is down, or it is dead), nothing is closed and ShutdownError lists every
-        failing shard; the others keep serving and flushing."""
-        _, errors = self._each("flush")
+        failing shard; the others keep serving and flushing.
+
+        With ``timeout_s``, a shard's store that still refuses when it has passed no longer
+        stops the shutdown if that shard has a journal: the shard stops, its unwritten keys
+        stay in its journal for the next ``init`` of this cache, and its metrics say how many
+        (``unwritten``). A shard without a journal, or a dead one, still fails it as above."""
+        if timeout_s is None:
+            _, errors = self._each("flush")
+        else:
+            _, errors = self._each("flush_within", timeout_s)
         if errors:
             raise ShutdownError(errors)
-        out, errors = self._each("close", disconnect)
+        out, errors = self._each("close" if timeout_s is None else "finish", disconnect)
         if errors:  # a store failed between the phases: those shards still serve
             raise ShutdownError(errors)
         for s in self._shards:

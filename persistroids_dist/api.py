@@ -66,6 +66,7 @@ def init(
     max_pending: int | None = 1_000_000,
     max_pending_bytes: int | None = 512 * 2**20,
     backpressure_timeout_s: float = 30.0,
+    store_timeout_s: float = 10.0,
     shard_wait_s: float = 30.0,
     journal: str | os.PathLike[str] | bool = True,
     fsync: str = "interval",
@@ -98,6 +99,10 @@ def init(
     ``max_pending`` / ``max_pending_bytes``: bound of each shard's write buffer (keys, and
     their key and value bytes; None: unbounded). A write to a full buffer waits for a flush
     up to ``backpressure_timeout_s`` (0: not at all), then raises BackpressureError.
+    ``store_timeout_s``: how long a read of a key the cache does not hold waits for the
+    stores (queued behind a running flush, or a store that is down) before it raises
+    StoreUnavailableError. Stores are never called under the lock that serves cached keys:
+    those reads, writes and ``metrics()`` go on while a store is slow or down.
     ``shard_wait_s``: how long a call waits for a shard that Ray is restarting before it
     raises ShardUnavailableError.
     ``journal``: every shard appends each buffered write to a journal before acknowledging
@@ -160,9 +165,9 @@ def init(
             backpressure_timeout_s, (int, float)) or backpressure_timeout_s < 0:
         raise ValueError(f"backpressure_timeout_s must be a number >= 0, got "
                          f"{backpressure_timeout_s!r}")
-    if isinstance(shard_wait_s, bool) or not isinstance(shard_wait_s, (int, float)) or \
-            shard_wait_s <= 0:
-        raise ValueError(f"shard_wait_s must be a number of seconds > 0, got {shard_wait_s!r}")
+    for what, seconds in (("store_timeout_s", store_timeout_s), ("shard_wait_s", shard_wait_s)):
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+            raise ValueError(f"{what} must be a number of seconds > 0, got {seconds!r}")
     if not isinstance(journal, (bool, str, os.PathLike)):
         raise TypeError(f"journal must be True, False or a directory, got {journal!r}")
     if fsync not in FSYNC_MODES:
@@ -184,6 +189,7 @@ def init(
                    max_attempts=max_attempts, max_pending=max_pending,
                    max_pending_bytes=max_pending_bytes,
                    backpressure_timeout_s=float(backpressure_timeout_s),
+                   store_timeout_s=float(store_timeout_s),
                    checkpoint_handler=checkpoint_handler,
                    allow_pickle=allow_pickle, functions=functions,
                    journal=journal_directory(journal, name), fsync=fsync)

@@ -501,16 +501,28 @@ class Cache:
                       .values())
         return aggregate(shards)
 
-    def shutdown(self, disconnect: bool = False) -> dict[str, Any]:
+    def shutdown(self, disconnect: bool = False, *, timeout_s: float | None = None
+                 ) -> dict[str, Any]:
         """Flush everything, close the shards (and connectors if ``disconnect``), remove the
-        actors and return the final metrics. If a store fails, raise FlushError and keep
-        everything running so no write is lost; call again once the store is back."""
+        actors and return the final metrics. If a store fails, raise ShutdownError (a
+        FlushError) and keep everything running so no write is lost; call again once the
+        store is back.
+
+        ``timeout_s``: keep retrying failing stores this long (checked between attempts),
+        then stop anyway: each shard that still holds unwritten keys keeps them in its
+        journal, where the next ``init`` with this cache's name (and journal) replays them;
+        the result's ``unwritten`` (total and per shard) says how many. A shard without a
+        journal never stops with unwritten keys: ShutdownError, as above."""
         if self._pool.closed:
             raise CacheClosedError(f"cache {self.name!r} was already shut down")
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(
+                timeout_s, (int, float)) or timeout_s < 0):
+            raise ValueError(f"timeout_s must be a number of seconds >= 0 or None, got "
+                             f"{timeout_s!r}")
         self._pool.leases.wanted.clear()
         self._pool.leases.release_all()
         self.sync()
-        shards = control.shutdown_cache(self._spec, disconnect)
+        shards = control.shutdown_cache(self._spec, disconnect, timeout_s)
         self._pool.close()
         return aggregate(shards)
 

@@ -272,8 +272,10 @@ def flush_all(spec: CacheSpec, checkpoint_blob: bytes | None) -> Any:
     return get(spec.coordinator.flush_all.remote(checkpoint_blob))
 
 
-def shutdown_cache(spec: CacheSpec, disconnect: bool) -> list[dict[str, Any]]:
-    """Flush and close every shard, then remove the coordinator; the shards' last metrics."""
-    shards = get(spec.coordinator.shutdown.remote(disconnect))
+def shutdown_cache(spec: CacheSpec, disconnect: bool, timeout_s: float | None = None
+                   ) -> list[dict[str, Any]]:
+    """Flush and close every shard, then remove the coordinator; the shards' last metrics
+    (``timeout_s``: see ``Coordinator.shutdown``)."""
+    shards = get(spec.coordinator.shutdown.remote(disconnect, timeout_s))
     ray.kill(spec.coordinator)
     return shards

@@ -10,14 +10,19 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from ray import cloudpickle
 
-from .errors import BackpressureError, CacheClosedError, LeaseLostError, PicklingRefusedError
+from .errors import (
+    BackpressureError,
+    CacheClosedError,
+    FlushError,
+    LeaseLostError,
+    PicklingRefusedError,
+)
 from .journal import Journal
 from .protocol import Op, array_header
 from .shard import ShardCore
@@ -65,7 +70,10 @@ class ShardHost:
         self.functions: dict[str, Any] = dict(options.pop("functions", None) or {})
         self.journal = (Journal(os.path.join(journal_dir, f"shard{index}"), fsync)
                         if journal_dir else None)
-        self.core = ShardCore(connectors, index=index, journal=self.journal, **options)
+        # background: the core's own store thread makes every connector call and its flusher
+        # thread flushes, so no store I/O runs under the lock the handlers below take.
+        self.core = ShardCore(connectors, index=index, journal=self.journal, background=True,
+                              **options)
         if self.journal is not None:
             # A restarted shard first applies what its previous run acknowledged and no
             # flush stored; only then does it serve.
@@ -82,7 +90,8 @@ class ShardHost:
         # Set (under the core's lock) while the shard closes: writes are refused from then
         # on, so none can land after the final flush; cleared again if that flush fails.
         self._closing = False
-        self._lease_cond = threading.Condition(self.core._lock)
+        # The core's own condition: a finished flush wakes the writers waiting for room.
+        self._lease_cond = self.core._cond
         self.lease_stats = {"leases_granted": 0, "recalls": 0, "leases_expired": 0}
         handlers = {
             Op.READ: self._read,
@@ -111,19 +120,6 @@ class ShardHost:
                                   tcp_host=tcp_host,
                                   before_reply=self.journal.commit if self.journal else None)
         self._address = self.server.start()
-        self._stop = threading.Event()
-        # Ticks often enough that no write waits much longer than millis_threshold.
-        period = max(0.002, min(0.1, self.core.millis_threshold / 1000 / 10))
-        self._ticker = threading.Thread(target=self._tick_loop, args=(period,), daemon=True,
-                                        name="persistroids-ticker")
-        self._ticker.start()
-
-    def _tick_loop(self, period: float) -> None:
-        while not self._stop.wait(period):
-            try:
-                self.core.tick()
-            except Exception:  # counted in the core's metrics; keep ticking
-                log.exception("shard %d: timed flush failed", self.index)
 
     # -- leases ------------------------------------------------------------------------------
     def _wait_unleased(self, kbs: Any) -> None:
@@ -186,10 +182,8 @@ class ShardHost:
         ``[generation, values]``: the grant's identity and the keys' current values."""
         with self._lease_cond:
             self._refuse_if_closing()
-            self._wait_unleased([kb for kb in kbs
-                                 if kb in self._leases and self._leases[kb].owner != owner])
+            out = self.core.read_many(kbs, guard=self._guard(kbs, owner))
             expires = time.monotonic() + ttl_ms / 1000
-            out = [self.core.read(kb) for kb in kbs]
             self._gen += 1
             for kb in kbs:
                 self._leases[kb] = Grant(owner, self._gen, expires)
@@ -259,6 +253,16 @@ class ShardHost:
                 self._wait_unleased(kbs)
             return self.core.read_many(kbs, abs_)
 
+    def _guard(self, kbs: Any, owner: bytes | None = None) -> Any:
+        """A core guard: wait until no other client than ``owner`` leases any of ``kbs``.
+        The core calls it again after every wait for a store, so the check and the
+        operation it guards happen in one hold of the lock."""
+        def guard() -> None:
+            if self._leases:
+                self._wait_unleased([kb for kb in kbs if kb in self._leases
+                                     and self._leases[kb].owner != owner])
+        return guard
+
     def _read_many_values(self, kbs: list[bytes]) -> Packed:
         """``_read_many``, answered as the values themselves (stored bytes concatenated
         into one msgpack array): the client decodes them with the frame, in C."""
@@ -320,9 +324,7 @@ class ShardHost:
             self.core.register_function(digest, fn)
         with self._lease_cond:
             self._admit(kb)
-            if self._leases:
-                self._wait_unleased((kb,))
-            return self.core.update(kb, ab, fn)
+            return self.core.update(kb, ab, fn, guard=self._guard((kb,)))
 
     def _update_named(self, kb: bytes, ab: bytes | None, name: str) -> bytes:
         """``_update`` by a function registered at ``init(..., functions=...)``."""
@@ -334,9 +336,7 @@ class ShardHost:
                               f"registered: {known}")
         with self._lease_cond:
             self._admit(kb)
-            if self._leases:
-                self._wait_unleased((kb,))
-            return self.core.update(kb, ab, fn)
+            return self.core.update(kb, ab, fn, guard=self._guard((kb,)))
 
     # -- control plane ----------------------------------------------------------------------
     def address(self) -> dict[str, Any]:
@@ -360,6 +360,47 @@ class ShardHost:
             m["journal_path"] = self.journal.directory
         return m
 
+    def flush_within(self, timeout_s: float) -> int:
+        """Flush, retrying a failing store until ``timeout_s`` has passed (checked between
+        attempts: one attempt may run over by the store's own timeout); return how many
+        keys are still unwritten (0: everything is stored)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.core.flush_count()
+                return 0
+            except FlushError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if self.journal is None:  # nowhere to keep them: the shutdown fails
+                        raise
+                    return self.core.metrics()["pending"]
+                time.sleep(min(0.25, left))
+
+    def finish(self, disconnect: bool = False) -> dict[str, Any]:
+        """The last step of a shutdown with a deadline: ``close``, or, if a store still
+        refuses the buffer, stop serving anyway and keep the journal, which holds every
+        unwritten write (a later ``init`` with this cache's name and journal replays it).
+        The metrics say ``unwritten`` keys and the ``journal_path``. Without a journal this
+        raises FlushError and keeps serving, as ``close`` does: nothing is dropped."""
+        try:
+            return self.close(disconnect)
+        except FlushError:
+            if self.journal is None:
+                raise
+        with self._lease_cond:
+            self._closing = True
+            unwritten = self.core.metrics()["pending"]
+        self.core.stop()
+        self.server.close()
+        self.journal.close(remove=False)
+        log.warning("shard %d: stopped with %d unwritten key(s); they stay in the journal %s "
+                    "for the next init of this cache", self.index, unwritten,
+                    self.journal.directory)
+        m = self.metrics()
+        m["unwritten"] = unwritten
+        return m
+
     def close(self, disconnect: bool = False) -> dict[str, Any]:
         """Refuse writes, flush and stop serving; if a store fails, raise FlushError and
         keep serving (writes accepted again), so nothing buffered is lost."""
@@ -371,10 +412,10 @@ class ShardHost:
             with self._lease_cond:
                 self._closing = False
             raise
-        self._stop.set()
         self.server.close()
         if self.journal is not None:  # everything journaled is stored now
             self.journal.close(remove=True)
+        metrics["unwritten"] = 0
         try:
             os.rmdir(self._dir)
         except OSError:

@@ -5,8 +5,13 @@ msgpack bytes, and reads return bytes. Storing values encoded keeps byte account
 the transport pass them through without re-encoding, and means nobody can mutate a cached value
 in place. Connectors see decoded Python values.
 
-Thread safety: every public method takes the shard's lock, and connectors are called with it
-held, so a connector sees one call at a time and all operations on one key are linearizable.
+Thread safety: every public method takes the shard's lock, so all operations on one key are
+linearizable. With ``background=True`` (how a shard host runs it) connectors are called on a
+store thread of their own, never under that lock: a flush runs on a flusher thread, and a
+read that misses waits for the store with the lock released (up to ``store_timeout_s``), so
+cached keys, writes and metrics are served while a store is slow or down. Without it (the
+embedded, single-threaded use), connector calls run in the caller's thread, under the lock,
+and a write that passes a threshold flushes before it returns, as in the seed.
 """
 
 from __future__ import annotations
@@ -15,11 +20,11 @@ import asyncio
 import inspect
 import logging
 import random
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from threading import RLock
 from typing import Any
 
 from .codec import decode_value, encode_key, encode_value
@@ -32,8 +37,9 @@ from .connector import (
     reader,
     writer,
 )
-from .errors import FlushError, StoreDataError, WriteError
+from .errors import FlushError, StoreDataError, StoreUnavailableError, WriteError
 from .journal import DELETE, WRITE, Journal
+from .storeio import StoreThread, StoreTimeout
 
 __all__ = ["ShardCore", "default_merge"]
 
@@ -100,6 +106,10 @@ def _warn_limited(logger: logging.Logger, what: Any, msg: str, *args: Any,
         logger.warning(msg, *args)
 
 
+def _no_guard() -> None:
+    """A ``read_many`` guard that checks nothing (the values are still taken in one hold)."""
+
+
 def _encodable(value: Any) -> bool:
     try:
         encode_value(value)
@@ -116,6 +126,9 @@ class ShardCore:
     ``tick()``, which the shard's host calls periodically, and on read misses).
     ``max_entries`` / ``max_bytes``: LRU bounds of the partition (keys plus encoded values).
     Entries with pending writes are never dropped: evicting one flushes the buffer first.
+    ``background``: connectors on a store thread, flushes on a flusher thread (see the
+    module's docstring); ``store_timeout_s``: how long a read that misses waits for the
+    stores then (StoreUnavailableError after it). ``close()`` ends both threads.
     """
 
     def __init__(
@@ -135,6 +148,8 @@ class ShardCore:
         max_pending: int | None = None,
         max_pending_bytes: int | None = None,
         journal: Journal | None = None,
+        background: bool = False,
+        store_timeout_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         ids = [c.get_id() for c in connectors]
@@ -167,11 +182,21 @@ class ShardCore:
         self._dead: dict[tuple[str, bytes], DeadLetter] = {}
         # Payloads singled out so far: (connector id, key) -> (refusals, the error's text).
         self._attempts: dict[tuple[str, bytes], tuple[int, str]] = {}
-        self._lock = RLock()
+        self._lock = threading.RLock()
+        # Waiting on it releases the lock: callers waiting for the store thread or for a
+        # running flush, and the host's writers waiting for room in the buffer.
+        self._cond = threading.Condition(self._lock)
+        self.store_timeout_s = store_timeout_s
+        self._flushing = False  # a flush is between its snapshot and its merge
+        # Misses being read from the stores: key -> how many reads of it are in flight; a
+        # key written meanwhile goes into _stale, and such a read's result is not cached
+        # (the write may have been flushed and evicted before the read returns).
+        self._loading: dict[bytes, int] = {}
+        self._stale: set[bytes] = set()
+        self._loops = threading.local()  # one asyncio loop per thread, for async connectors
         # Every buffered write and delete is appended here before it is acknowledged (the
         # host commits it before answering); a flush that stored everything trims it.
         self.journal = journal
-        self._loop: asyncio.AbstractEventLoop | None = None
 
         self._entries: OrderedDict[bytes, bytes] = OrderedDict()
         # Cached keys whose value is stored nowhere: an init_fn value, a cached None for a
@@ -184,6 +209,7 @@ class ShardCore:
         self._pending: dict[str, dict[bytes, Any]] = {cid: {} for cid in ids}
         self._dirty: set[bytes] = set()
         self._inflight: set[bytes] = set()  # keys whose payloads a running flush holds
+        self._inflight_bytes = 0  # and their bytes, as counted in _pending_bytes
         self._oldest_pending: float | None = None
         self._retry_at = 0.0
         self._backoff = 0.0
@@ -196,14 +222,19 @@ class ShardCore:
              "flush_calls", "flush_errors", "read_errors", "write_errors", "checkpoints",
              "checkpoint_errors", "over_capacity", "deletes", "expired", "replayed",
              "replay_errors", "retries", "dead_letters", "backpressure_waits",
-             "backpressure_refusals"), 0)
+             "backpressure_refusals", "store_timeouts"), 0)
         # A store that is down must not keep the shard from starting: Ray would then give
         # up restarting it, and its journal would never be replayed. Connect it again before
         # its next use (the flush timer retries with backoff; a read miss raises).
         self._unconnected: list[BaseConnector] = []
+        # With background=True every connector call, connect included, runs on the store
+        # thread (an async connector's connections belong to that thread's loop).
+        self._store: StoreThread | None = (
+            StoreThread(self._cond, f"persistroids-store-{index}") if background else None)
         for conn in self.connectors:
             try:
-                self._call(conn.connect)
+                with self._lock:
+                    self._io(self._call, conn.connect)
             except Exception as e:
                 self._unconnected.append(conn)
                 self.last_errors[conn.get_id()] = f"{type(e).__name__}: {e}"
@@ -225,6 +256,13 @@ class ShardCore:
             encoded_reader(self.connectors[0])
             if len(self.connectors) == 1 and self.merge_query_fn is default_merge else None)
         self._readers = [reader(conn) for conn in self.connectors]
+        self._wake = threading.Event()  # a threshold passed: the flusher flushes now
+        self._stop = threading.Event()
+        if background:
+            # Ticks often enough that no write waits much longer than millis_threshold.
+            period = max(0.002, min(0.1, millis_threshold / 1000 / 10))
+            threading.Thread(target=self._flush_loop, args=(period,), daemon=True,
+                             name=f"persistroids-flusher-{index}").start()
 
     def _writer(self, conn: BaseConnector) -> Callable[[bytes, bytes], Any]:
         fn = writer(conn)
@@ -236,11 +274,19 @@ class ShardCore:
     # -- helpers --------------------------------------------------------------------------
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         result = fn(*args)
-        if inspect.isawaitable(result):  # async connectors run on the shard's own loop
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-            result = self._loop.run_until_complete(result)
+        if inspect.isawaitable(result):  # async connectors run on a loop of this thread's
+            loop = getattr(self._loops, "loop", None)
+            if loop is None:
+                loop = self._loops.loop = asyncio.new_event_loop()
+            result = loop.run_until_complete(result)
         return result
+
+    def _io(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+        """``fn(*args)``, a connector call: on the store thread when there is one (waiting
+        releases the lock), else right here. Call with the lock held."""
+        if self._store is None:
+            return fn(*args)
+        return self._store.run(fn, *args, timeout=timeout)
 
     def _put(self, kb: bytes, vb: bytes) -> None:
         entries = self._entries
@@ -286,10 +332,12 @@ class ShardCore:
         while len(entries) > 1 and self._over_capacity():
             kb = next(iter(entries))
             if kb in self._dirty or kb in self._inflight:
-                if flushed or self._inflight:
-                    # The flush failed, or one is running (this write came from inside it):
-                    # stay over capacity rather than drop data that is not yet persisted.
+                if flushed or self._inflight or self._store is not None:
+                    # The flush failed, or one is running, or the flusher does it: stay over
+                    # capacity rather than drop data that is not yet persisted.
                     self.c["over_capacity"] += 1
+                    if self._store is not None and self._dirty:
+                        self._wake.set()
                     return
                 self._flush(explicit=False)
                 flushed = True
@@ -318,25 +366,37 @@ class ShardCore:
             vb = self.read(kb, ab)
             return None if kb in self._absent else vb
 
-    def read_many(self, kbs: Sequence[bytes], abs_: Sequence[bytes | None] | None = None
-                  ) -> list[bytes]:
+    def read_many(self, kbs: Sequence[bytes], abs_: Sequence[bytes | None] | None = None,
+                  guard: Callable[[], Any] | None = None) -> list[bytes]:
+        """The encoded values of ``kbs``. ``guard``: called with the lock held before the
+        values are taken, and the values are then taken without releasing the lock in
+        between (a read that missed is done first, and the guard called again): the host's
+        lease check, kept atomic with the read it guards."""
         with self._lock:
             entries = self._entries
-            out: list[Any] = []
-            missing: list[int] = []
-            live = self._live if self._expires else entries.get
-            for i, kb in enumerate(kbs):
-                vb = live(kb)
-                if vb is None:
-                    missing.append(i)
-                else:
-                    entries.move_to_end(kb)
-                out.append(vb)
-            self.c["lookup"] += len(kbs)
-            self.c["hits"] += len(kbs) - len(missing)
-            if missing:
-                self._load_many(kbs, abs_, missing, out)
-            return out
+            first = True
+            while True:
+                if guard is not None:
+                    guard()
+                out: list[Any] = []
+                missing: list[int] = []
+                live = self._live if self._expires else entries.get
+                for i, kb in enumerate(kbs):
+                    vb = live(kb)
+                    if vb is None:
+                        missing.append(i)
+                    else:
+                        entries.move_to_end(kb)
+                    out.append(vb)
+                if first:  # a lookup counts once, however often a guard makes it look again
+                    first = False
+                    self.c["lookup"] += len(kbs)
+                    self.c["hits"] += len(kbs) - len(missing)
+                if not missing:
+                    return out
+                self._load_many(kbs, abs_, missing, out)  # may release the lock
+                if guard is None:
+                    return out
 
     def _load(self, kb: bytes, ab: bytes | None) -> bytes:
         out: list[Any] = [None]
@@ -355,15 +415,43 @@ class ShardCore:
                    for kb in keys]
         if self._dirty.intersection(keys):
             self._flush(explicit=True)  # a store is never read while a newer write is buffered
-        elif self._time_to_flush():
+        elif self._store is None and self._time_to_flush():
             self._flush(explicit=False)  # the seed's check, kept on misses
         self.c["misses"] += len(keys)
         self.c["read"] += len(keys)
+        loading = self._loading
+        for kb in keys:
+            loading[kb] = loading.get(kb, 0) + 1
+        stale: set[bytes] = set()
         try:
-            found = self._read_stores(encoded)
+            found = self._io(self._read_stores, encoded, timeout=self.store_timeout_s)
+        except StoreTimeout:
+            self.c["read_errors"] += 1
+            self.c["store_timeouts"] += 1
+            raise StoreUnavailableError(
+                f"shard {self.index}: no store answered a read of {len(keys)} key(s) (first "
+                f"{_show_key(keys[0])!r}) within store_timeout_s={self.store_timeout_s:g} "
+                f"({self.last_errors or 'no store error yet: slow, or behind a long flush'}); "
+                "cached keys are still served") from None
+        except OSError as e:  # connectors raise ConnectionError/TimeoutError when down
+            self.c["read_errors"] += 1
+            raise StoreUnavailableError(
+                f"shard {self.index}: a store is unreachable for a read of {len(keys)} "
+                f"key(s) (first {_show_key(keys[0])!r}): {type(e).__name__}: {e}; cached "
+                "keys are still served") from e
         except Exception:
             self.c["read_errors"] += 1
             raise
+        finally:
+            for kb in keys:
+                n = loading[kb] - 1
+                if n:
+                    loading[kb] = n
+                else:
+                    del loading[kb]
+                    if kb in self._stale:
+                        self._stale.discard(kb)
+                        stale.add(kb)
         loaded: dict[bytes, bytes] = {}
         for kb, ab, vb in zip(keys, encoded, found):
             absent = vb is None
@@ -372,6 +460,9 @@ class ShardCore:
             existing = self._entries.get(kb)
             if existing is None:
                 existing = _NONE if vb is None else vb
+                if kb in stale:  # written while read: answer what was read, cache nothing
+                    loaded[kb] = existing
+                    continue
                 self._put(kb, existing)
                 if absent:
                     self._absent.add(kb)
@@ -478,6 +569,8 @@ class ShardCore:
             sizes = self._pending_sizes
             self._pending_bytes += size - sizes.get(kb, 0)
             sizes[kb] = size
+        if self._loading and kb in self._loading:
+            self._stale.add(kb)  # a read of it from the stores is in flight: now outdated
         if self._dead or self._attempts:  # a newer write or delete supersedes a refused one
             for cid in self._ids:
                 self._dead.pop((cid, kb), None)
@@ -526,10 +619,13 @@ class ShardCore:
             raise WriteError(self.index, n, errors)
         return n
 
-    def update(self, kb: bytes, ab: bytes | None, fn: Callable[[Any], Any]) -> bytes:
-        """Atomically replace the value of ``kb`` by ``fn(value)``; return the new encoded value."""
+    def update(self, kb: bytes, ab: bytes | None, fn: Callable[[Any], Any],
+               guard: Callable[[], Any] | None = None) -> bytes:
+        """Atomically replace the value of ``kb`` by ``fn(value)``; return the new encoded
+        value. ``guard``: as for ``read_many``, atomic with the update."""
         with self._lock:
-            old = self.read(kb, ab)
+            (old,) = self.read_many((kb,), None if ab is None else (ab,),
+                                    guard=guard or _no_guard)
             vb = encode_value(fn(decode_value(old)))
             self.c["updates"] += 1
             self._write1(kb, ab, vb)
@@ -562,25 +658,36 @@ class ShardCore:
             if kb in self._dirty or kb in self._inflight:
                 self._flush(explicit=True)  # raises FlushError, dropping nothing
             cached = kb in self._entries
-            self._drop(kb)
+            if kb not in self._dirty and kb not in self._inflight:  # else newer than this call
+                self._drop(kb)
             return cached
 
     def invalidate_all(self) -> int:
         """Flush every pending write, then drop every entry; return how many were dropped."""
         with self._lock:
             self._flush(explicit=True)
-            n = len(self._entries)
-            self._entries.clear()
-            self._absent.clear()
-            self._expires.clear()
-            self._bytes = 0
-            return n
+            # Writes that came in while the flush ran are newer than this call: they stay.
+            keep = self._dirty | self._inflight
+            if not keep:
+                n = len(self._entries)
+                self._entries.clear()
+                self._absent.clear()
+                self._expires.clear()
+                self._bytes = 0
+                return n
+            gone = [kb for kb in self._entries if kb not in keep]
+            for kb in gone:
+                self._drop(kb)
+            return len(gone)
 
     def full(self) -> bool:
-        """Whether the write buffer reached ``max_pending`` keys or ``max_pending_bytes``."""
-        return bool((self.max_pending is not None and len(self._dirty) >= self.max_pending)
+        """Whether the write buffer reached ``max_pending`` keys or ``max_pending_bytes``.
+        What a running flush holds counts too: if that flush fails, it comes back."""
+        return bool((self.max_pending is not None
+                     and len(self._dirty) + len(self._inflight) >= self.max_pending)
                     or (self.max_pending_bytes is not None
-                        and self._pending_bytes >= self.max_pending_bytes))
+                        and self._pending_bytes + self._inflight_bytes
+                        >= self.max_pending_bytes))
 
     def replay(self, records: Iterable[Sequence[Any]]) -> int:
         """Apply journal records a previous run of this shard left (its acknowledged writes
@@ -622,12 +729,30 @@ class ShardCore:
 
     def _check_thresholds(self) -> None:
         if self._time_to_flush() and self._clock() >= self._retry_at:
-            self._flush(explicit=False)
+            if self._store is None:
+                self._flush(explicit=False)
+            elif not self._wake.is_set():
+                self._wake.set()  # the flusher thread flushes; this write returns now
 
     def tick(self) -> None:
-        """Flush if a threshold has passed; the host calls this periodically."""
+        """Flush if a threshold has passed (the flusher thread calls this periodically; an
+        embedded shard's owner may)."""
         with self._lock:
-            self._check_thresholds()
+            # Over capacity with pending entries at the LRU end: a flush lets them go.
+            due = self._time_to_flush() or (self._dirty and self._over_capacity())
+            if due and self._clock() >= self._retry_at:
+                self._flush(explicit=False)
+
+    def _flush_loop(self, period: float) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(period)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.tick()
+            except Exception:  # counted in the metrics; keep flushing
+                log.exception("shard %d: timed flush failed", self.index)
 
     def flush_count(self) -> int:
         """Flush every pending write now and return the number of distinct keys flushed
@@ -649,12 +774,17 @@ class ShardCore:
 
     def _flush(self, explicit: bool) -> Any:
         self._ran_checkpoint = False
-        if self._inflight:  # re-entered from a connector during a flush: let that one finish
-            return 0
+        while self._flushing:
+            if self._store is None or not explicit:
+                # Re-entered from a connector (embedded), or a timed flush while another
+                # runs: that one takes care of it.
+                return 0
+            self._cond.wait()  # an explicit flush covers what is buffered now: wait, then go
         # Take the buffer first, so a write arriving during the connector calls lands in a
         # fresh buffer and is never lost (the seed read, flushed, then reset).
         snapshot, self._pending = self._pending, {cid: {} for cid in self._ids}
         dirty, self._dirty = self._dirty, set()
+        taken_bytes = self._pending_bytes
         sizes, self._pending_sizes, self._pending_bytes = self._pending_sizes, {}, 0
         oldest, self._oldest_pending = self._oldest_pending, None
         if not dirty:
@@ -666,12 +796,17 @@ class ShardCore:
         failed: dict[str, BaseException] = {}
         failed_keys: set[bytes] = set()
         self._inflight = dirty
+        self._inflight_bytes = taken_bytes
+        self._flushing = True
         dead_before = self.c["dead_letters"]
         try:
             for conn, cid in zip(self.connectors, self._ids):
                 self._flush_one(conn, cid, snapshot[cid], failed, failed_keys)
         finally:
             self._inflight = set()
+            self._inflight_bytes = 0
+            self._flushing = False
+            self._cond.notify_all()  # explicit flushes and writers waiting for room
         buried = self.c["dead_letters"] - dead_before
         self.c["flush"] += len(dirty) - len(failed_keys) - buried
         if not failed and self._over_capacity():  # a write during the flush went over
@@ -711,6 +846,10 @@ class ShardCore:
                 log.exception("shard %d: checkpoint handler failed", self.index)
         return len(dirty)
 
+    def _store_flush(self, conn: BaseConnector, payloads: list[Any]) -> None:
+        self._connected(conn)
+        self._call(conn.flush, payloads)
+
     def _connected(self, conn: BaseConnector) -> None:
         """Connect ``conn`` if it could not be connected at start; raise if it still can't."""
         if self._unconnected and conn in self._unconnected:
@@ -721,8 +860,7 @@ class ShardCore:
     def _flush_one(self, conn: Connector, cid: str, payloads: dict[bytes, Any],
                    failed: dict[str, BaseException], failed_keys: set[bytes]) -> None:
         try:
-            self._connected(conn)
-            self._call(conn.flush, list(payloads.values()))
+            self._io(self._store_flush, conn, list(payloads.values()))
             return
         except Exception as e:
             error = e
@@ -786,7 +924,7 @@ class ShardCore:
                     continue
                 for half in (part[:len(part) // 2], part[len(part) // 2:]):
                     try:
-                        self._call(conn.flush, [p for _, p in half])
+                        self._io(self._call, conn.flush, [p for _, p in half])
                         stored = True
                     except Exception as e:
                         below.append((half, e))
@@ -829,6 +967,8 @@ class ShardCore:
                 if self._oldest_pending is None:
                     self._oldest_pending = self._clock()
             self._retry_at = 0.0
+            if self._store is not None:
+                self._wake.set()
             return len(dead)
 
     def discard_dead_letters(self) -> int:
@@ -851,6 +991,8 @@ class ShardCore:
                 else (self._clock() - self._oldest_pending) * 1000)
             m["last_errors"] = dict(self.last_errors)
             m["dead_letters_held"] = len(self._dead)
+            m["flushing"] = self._flushing
+            m["flushing_keys"] = len(self._inflight)
             return m
 
     def contains(self, kb: bytes) -> bool:
@@ -863,11 +1005,32 @@ class ShardCore:
             self._flush(explicit=True)
             if disconnect:
                 for conn in self.connectors:
-                    self._call(conn.disconnect)
-            if self._loop is not None:
-                self._loop.close()
-                self._loop = None
+                    self._io(self._call, conn.disconnect)
+            if self._store is not None:
+                self._io(self._close_loop)
+                self._store.stop()
+                # Closed: anything called later (a second close) runs its I/O right here.
+                self._store = None
+                self._stop.set()
+                self._wake.set()
+            self._close_loop()
             return self.metrics()
+
+    def stop(self) -> None:
+        """End the store and flusher threads without flushing (a shutdown that gave up on
+        its stores; the journal keeps what is pending)."""
+        with self._lock:
+            if self._store is not None:
+                self._store.stop()
+                self._store = None
+            self._stop.set()
+            self._wake.set()
+
+    def _close_loop(self) -> None:
+        loop = getattr(self._loops, "loop", None)
+        if loop is not None:
+            loop.close()
+            self._loops.loop = None
 
     # -- plain-value conveniences (tests, embedding without Ray) ---------------------------
     def get(self, key: Any) -> Any:

@@ -44,7 +44,7 @@ def test_a_postgres_outage_loses_no_acknowledged_write(private_pg, make_cache):
     # A short connect timeout: a flush attempt against the stopped server gives up quickly.
     connector = PostgresConnector(private_pg.dsn, table=table, connect_timeout_s=2,
                                   statement_timeout_ms=5000)
-    cache = make_cache([connector], num_shards=2, millis_threshold=50)
+    cache = make_cache([connector], num_shards=2, millis_threshold=50, store_timeout_s=1.0)
 
     acked: dict[tuple, int] = {}
     for i in range(60):
@@ -114,7 +114,18 @@ def test_a_postgres_outage_loses_no_acknowledged_write(private_pg, make_cache):
         phase[0] = "outage"
         private_pg.stop()
         down_at = time.monotonic()
-        time.sleep(6.0)  # long enough for flush attempts to fail
+        time.sleep(3.0)  # flush attempts fail meanwhile
+        # A key no cache holds: its read fails after store_timeout_s (1 s, shorter than the
+        # connector's 2 s connect timeout), naming the cause, instead of hanging; metrics()
+        # answers (it never touches a store).
+        t0 = time.monotonic()
+        with pytest.raises(pd.StoreUnavailableError):
+            cache.read(("never-cached", 1))
+        miss_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        m_outage = cache.metrics()["total"]
+        metrics_s = time.monotonic() - t0
+        time.sleep(3.0)
         up_at = time.monotonic()
         private_pg.start()
         phase[0] = "after"
@@ -169,11 +180,13 @@ def test_a_postgres_outage_loses_no_acknowledged_write(private_pg, make_cache):
     # server is down: a shard in a failing flush holds back its writers too (see below).
     assert n_sent_outage >= 1, "no write sent during the outage was acknowledged"
     assert m_end["flush_errors"] >= 1
-    # Not asserted yet: zero slow reads of cached keys during the outage. Today a shard holds
-    # its lock during connector I/O, so a flush attempt against the stopped server blocks that
-    # shard's reads for up to the connector's connect timeout (more, with the retries of a
-    # failed batch). The "no slow reads" assertion waits for the background-flusher change
-    # (issue 8: stores off the hot path); until then the count is only printed.
+    print(f"[pg outage] a miss failed after {miss_s:.2f} s; metrics() took {metrics_s:.3f} s "
+          f"(flush_errors so far {m_outage['flush_errors']})")
+    # Stores off the hot path: no read of a cached key waited for the stopped server. One
+    # that did would take the connector's 2 s connect timeout at least (before the fix:
+    # every flush attempt held the shard's lock that long); the 0.5 s count is printed.
+    assert all(t < 2.0 for _, t in outage), max(t for _, t in outage)
+    assert metrics_s < 2.0 and m_outage["store_timeouts"] >= 1
     # Checked last, so a run that hits it still reports the loss check above. A write may
     # fail only with BackpressureError (none expected here: max_pending is the default); one
     # that raised anything else was not acknowledged (its key is not in `acked`), but the
@@ -182,3 +195,43 @@ def test_a_postgres_outage_loses_no_acknowledged_write(private_pg, make_cache):
     # (An IndexError in ShardCore._flush_one when the store came back mid-bisection showed
     # here until it was fixed: any error of that kind fails this test now.)
     assert not unexpected, f"writes raised unexpected errors: {described}"
+
+
+def test_shutdown_with_a_deadline_during_an_outage_keeps_the_rest_for_the_next_init(
+        private_pg, tmp_path):
+    # Issue 8: a shutdown while the store is down flushes until its deadline, then stops
+    # anyway and reports, per shard, what it could not write; the journal keeps it, and the
+    # next init of the same name and journal replays it and writes it once the store is up.
+    table = f"pgsd_{uuid.uuid4().hex[:10]}"
+    name = f"sd-{uuid.uuid4().hex[:8]}"
+    journal = tmp_path / "journal"
+
+    def start() -> pd.Cache:
+        return pd.init([PostgresConnector(private_pg.dsn, table=table, connect_timeout_s=1)],
+                       name=name, num_shards=2, journal=journal, writes_threshold=10**6,
+                       millis_threshold=600_000)
+
+    cache = start()
+    try:
+        acked = {("k", i): cache.write(("k", i), i * 3, wait=True) for i in range(120)}
+        private_pg.stop()
+        result = cache.shutdown(timeout_s=1.5)
+    except BaseException:
+        cache.shutdown(timeout_s=0)  # the test failed: do not leave the actors behind
+        raise
+    assert result["total"]["unwritten"] == 120
+    assert [m["unwritten"] > 0 for m in result["shards"]] == [True, True]
+    with pytest.raises(pd.CacheNotFoundError):
+        pd.connect(name)  # the cache is gone; its journal is not
+    private_pg.start()
+    again = start()
+    try:
+        assert again.metrics()["total"]["replayed"] == 120
+        again.flush_now()
+        with psycopg.connect(private_pg.dsn, autocommit=True) as conn:
+            rows = conn.execute(sql.SQL("SELECT k, v FROM {}").format(sql.Identifier(table)))
+            stored = {decode_value(bytes(k)): decode_value(bytes(v))
+                      for k, v in rows.fetchall()}
+        assert stored == {k: v for k, v in acked.items()}
+    finally:
+        again.shutdown()

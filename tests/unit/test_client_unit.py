@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 import persistroids_dist
-from persistroids_dist import WriteError
+from persistroids_dist import ShardUnavailableError, StoreUnavailableError, WriteError
 from persistroids_dist.client import Cache
 from persistroids_dist.codec import encode_key
 from persistroids_dist.connectors.memory import MemoryConnector
@@ -129,9 +129,11 @@ def test_a_store_error_that_is_an_oserror_is_not_taken_for_a_broken_connection()
     h = ShardHost(0, [DownForReads()], {}, SECRET)
     try:
         cache = handle(h)
-        with pytest.raises(TimeoutError, match="the store did not answer") as e:
+        # A store that is down is reported as such (the store's own error chained), never
+        # as a shard that is gone.
+        with pytest.raises(StoreUnavailableError, match="the store did not answer") as e:
             cache.read("k")
-        assert not isinstance(e.value, ConnectionError)
+        assert not isinstance(e.value, ShardUnavailableError)
         assert cache._pool.conns[0] is not None and not cache._pool.conns[0].closed
         cache._pool.close()
     finally:
