@@ -34,6 +34,11 @@ _SEGMENT = re.compile(r"^(\d{8})\.journal$")
 # Record kinds.
 WRITE = 0  # [WRITE, kb, ab, vb, ttl_s]
 DELETE = 1  # [DELETE, kb, ab]
+# Dead letters: a payload a store kept refusing, out of the buffer (its WRITE may be in a
+# released segment), and what became of it. Payloads are the connector's own objects,
+# pickled: the journal is this shard's own file, never data from the network.
+DEAD = 2  # [DEAD, connector id, kb, pickled payload, error text, attempts]
+UNDEAD = 3  # [UNDEAD, connector id, kb, pickled payload (retried) | None (discarded)]
 
 
 class Journal:

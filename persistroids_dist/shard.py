@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import pickle
 import random
 import threading
 import time
@@ -38,7 +39,7 @@ from .connector import (
     writer,
 )
 from .errors import FlushError, StoreDataError, StoreUnavailableError, WriteError
-from .journal import DELETE, WRITE, Journal
+from .journal import DEAD, DELETE, UNDEAD, WRITE, Journal
 from .storeio import StoreThread, StoreTimeout
 
 __all__ = ["ShardCore", "default_merge"]
@@ -182,6 +183,7 @@ class ShardCore:
         self._dead: dict[tuple[str, bytes], DeadLetter] = {}
         # Payloads singled out so far: (connector id, key) -> (refusals, the error's text).
         self._attempts: dict[tuple[str, bytes], tuple[int, str]] = {}
+        self._dead_journaled_upto = -1  # the journal segment dead letters were last said in
         self._lock = threading.RLock()
         # Waiting on it releases the lock: callers waiting for the store thread or for a
         # running flush, and the host's writers waiting for room in the buffer.
@@ -703,6 +705,17 @@ class ShardCore:
                             self._write1(*record[1:])
                         elif record[0] == DELETE:
                             self.delete(*record[1:])
+                        elif record[0] == DEAD:
+                            _, cid, kb, blob, error, attempts = record
+                            self._dead[(cid, kb)] = DeadLetter(kb, cid, error, attempts,
+                                                               pickle.loads(blob))
+                            # Out of the buffer when it was buried: a WRITE of it replayed
+                            # from an unreleased segment must not make it pending again.
+                            self._unbuffer(cid, kb)
+                            continue
+                        elif record[0] == UNDEAD:
+                            self._undead(*record[1:])
+                            continue
                         n += 1
                     except Exception as e:  # a connector refusing it now: say so, go on
                         log.error("shard %d: journal record not replayed: %r", self.index, e)
@@ -711,6 +724,30 @@ class ShardCore:
             self.journal = journal
         self.c["replayed"] += n
         return n
+
+    def _undead(self, cid: str, kb: bytes, blob: bytes | None) -> None:
+        """Replay a dead letter's fate: retried (its payload pending again) or discarded."""
+        d = self._dead.pop((cid, kb), None)
+        if blob is not None and cid in self._pending:
+            self._requeue(cid, kb, pickle.loads(blob), "" if d is None else d.error)
+
+    def _unbuffer(self, cid: str, kb: bytes) -> None:
+        if self._pending[cid].pop(kb, None) is not None and \
+                not any(kb in p for p in self._pending.values()):
+            self._dirty.discard(kb)
+            self._pending_bytes -= self._pending_sizes.pop(kb, 0)
+
+    def _requeue(self, cid: str, kb: bytes, payload: Any, error: str) -> None:
+        """Put a dead letter's payload back in the buffer. Its attempts start again; the
+        error is remembered, so a lone retried payload refused the same way again is still
+        told from a store that is down."""
+        self._attempts[(cid, kb)] = (0, error)
+        self._pending[cid].setdefault(kb, payload)
+        self._dirty.add(kb)
+        self._pending_sizes.setdefault(kb, len(kb))
+        self._pending_bytes = sum(self._pending_sizes.values())
+        if self._oldest_pending is None:
+            self._oldest_pending = self._clock()
 
     def register_function(self, digest: bytes, fn: Callable[[Any], Any]) -> None:
         self._functions[digest] = fn
@@ -792,6 +829,11 @@ class ShardCore:
         # Every journal record so far is in this snapshot (appends happen under this lock).
         segment = (self.journal.rotate(_JOURNAL_SEGMENT_BYTES) if self.journal is not None
                    else None)
+        if segment is not None and self._dead and segment != self._dead_journaled_upto:
+            # A new segment began: the ones this flush releases may hold the DEAD records.
+            self._dead_journaled_upto = segment
+            for d in self._dead.values():
+                self._journal_dead(d)
         self.c["flush_calls"] += 1
         failed: dict[str, BaseException] = {}
         failed_keys: set[bytes] = set()
@@ -832,7 +874,8 @@ class ShardCore:
         self._backoff = 0.0
         self._retry_at = 0.0
         if segment is not None:
-            self.journal.release(segment)  # all of it is stored now
+            self.journal.commit()  # DEAD records of this flush reach the file first
+            self.journal.release(segment)  # all of it is stored (or a dead letter) now
         if self.checkpoint_handler is not None and self._checkpoint is not _UNSET:
             try:
                 self.last_checkpoint_result = self.checkpoint_handler(self._checkpoint)
@@ -936,9 +979,22 @@ class ShardCore:
             return refused, [], False
         return [], refused, True
 
+    def _journal_dead(self, d: DeadLetter) -> None:
+        if self.journal is None:
+            return
+        try:
+            blob = pickle.dumps(d.payload)
+        except Exception as e:  # kept in memory only; say so once per key
+            _warn_limited(log, ("dead-pickle", self.index, d.kb),
+                          "shard %d: a dead letter's payload cannot be journaled (%r); a "
+                          "crash of this shard would lose it", self.index, e)
+            return
+        self.journal.append([DEAD, d.cid, d.kb, blob, d.error, d.attempts])
+
     def _bury(self, cid: str, kb: bytes, payload: Any, error: BaseException, n: int) -> None:
-        self._dead[(cid, kb)] = DeadLetter(kb, cid, f"{type(error).__name__}: {error}", n,
-                                           payload)
+        d = self._dead[(cid, kb)] = DeadLetter(kb, cid, f"{type(error).__name__}: {error}",
+                                               n, payload)
+        self._journal_dead(d)
         self._attempts.pop((cid, kb), None)
         self.c["dead_letters"] += 1
         log.error("shard %d: %s refused the write of key %r %d times; it is a dead letter "
@@ -957,15 +1013,14 @@ class ShardCore:
         with self._lock:
             dead, self._dead = self._dead, {}
             for d in dead.values():
-                # Attempts start again; the error is remembered, so a lone retried payload
-                # refused the same way again is still told from a store that is down.
-                self._attempts[(d.cid, d.kb)] = (0, d.error)
-                self._pending[d.cid].setdefault(d.kb, d.payload)
-                self._dirty.add(d.kb)
-                self._pending_sizes.setdefault(d.kb, len(d.kb))
-                self._pending_bytes = sum(self._pending_sizes.values())
-                if self._oldest_pending is None:
-                    self._oldest_pending = self._clock()
+                if self.journal is not None:  # pending again: a crash must not lose it
+                    try:
+                        blob = pickle.dumps(d.payload)
+                    except Exception:
+                        blob = None
+                    if blob is not None:
+                        self.journal.append([UNDEAD, d.cid, d.kb, blob])
+                self._requeue(d.cid, d.kb, d.payload, d.error)
             self._retry_at = 0.0
             if self._store is not None:
                 self._wake.set()
@@ -975,6 +1030,9 @@ class ShardCore:
         """Forget every dead letter (the stores never get them); how many."""
         with self._lock:
             n = len(self._dead)
+            if self.journal is not None:
+                for d in self._dead.values():
+                    self.journal.append([UNDEAD, d.cid, d.kb, None])
             self._dead.clear()
             return n
 
