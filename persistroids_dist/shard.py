@@ -744,8 +744,9 @@ class ShardCore:
         self._attempts[(cid, kb)] = (0, error)
         self._pending[cid].setdefault(kb, payload)
         self._dirty.add(kb)
-        self._pending_sizes.setdefault(kb, len(kb))
-        self._pending_bytes = sum(self._pending_sizes.values())
+        if kb not in self._pending_sizes:  # a key pending already keeps its own size
+            self._pending_sizes[kb] = len(kb)
+            self._pending_bytes += len(kb)
         if self._oldest_pending is None:
             self._oldest_pending = self._clock()
 
@@ -979,17 +980,20 @@ class ShardCore:
             return refused, [], False
         return [], refused, True
 
-    def _journal_dead(self, d: DeadLetter) -> None:
-        if self.journal is None:
-            return
+    def _pickled(self, d: DeadLetter) -> bytes | None:
+        """``d``'s payload as the journal keeps it; None (said once per key) if it cannot
+        be pickled: it is then kept in memory only."""
         try:
-            blob = pickle.dumps(d.payload)
-        except Exception as e:  # kept in memory only; say so once per key
+            return pickle.dumps(d.payload)
+        except Exception as e:
             _warn_limited(log, ("dead-pickle", self.index, d.kb),
                           "shard %d: a dead letter's payload cannot be journaled (%r); a "
                           "crash of this shard would lose it", self.index, e)
-            return
-        self.journal.append([DEAD, d.cid, d.kb, blob, d.error, d.attempts])
+            return None
+
+    def _journal_dead(self, d: DeadLetter) -> None:
+        if self.journal is not None and (blob := self._pickled(d)) is not None:
+            self.journal.append([DEAD, d.cid, d.kb, blob, d.error, d.attempts])
 
     def _bury(self, cid: str, kb: bytes, payload: Any, error: BaseException, n: int) -> None:
         d = self._dead[(cid, kb)] = DeadLetter(kb, cid, f"{type(error).__name__}: {error}",
@@ -1013,13 +1017,9 @@ class ShardCore:
         with self._lock:
             dead, self._dead = self._dead, {}
             for d in dead.values():
-                if self.journal is not None:  # pending again: a crash must not lose it
-                    try:
-                        blob = pickle.dumps(d.payload)
-                    except Exception:
-                        blob = None
-                    if blob is not None:
-                        self.journal.append([UNDEAD, d.cid, d.kb, blob])
+                # Pending again: a crash must not lose it.
+                if self.journal is not None and (blob := self._pickled(d)) is not None:
+                    self.journal.append([UNDEAD, d.cid, d.kb, blob])
                 self._requeue(d.cid, d.kb, d.payload, d.error)
             self._retry_at = 0.0
             if self._store is not None:

@@ -61,9 +61,13 @@ def core(conn: GateStore, **kw: Any) -> ShardCore:
     return ShardCore([conn], background=True, **kw)
 
 
-def flush_in_thread(c: ShardCore) -> threading.Thread:
+def hanging_flush(c: ShardCore, conn: GateStore) -> threading.Thread:
+    """Start a flush of ``c`` in a thread; return once it hangs inside the store (until
+    ``conn.flush_gate`` is set)."""
+    conn.flush_gate.clear()
     t = threading.Thread(target=c.flush, daemon=True)
     t.start()
+    assert conn.in_flush.wait(WAIT)
     return t
 
 
@@ -73,9 +77,7 @@ def test_cached_reads_writes_and_metrics_are_served_while_a_flush_hangs_in_the_s
     try:
         c.put("cached", 1)
         c.put("k", 2)
-        conn.flush_gate.clear()
-        t = flush_in_thread(c)
-        assert conn.in_flush.wait(WAIT)
+        t = hanging_flush(c, conn)
         # The flush is inside the store, holding nothing the cache serves from.
         assert c.get("cached") == 1
         c.put("new", 3)
@@ -118,9 +120,7 @@ def test_a_miss_queued_behind_a_hanging_flush_times_out_too():
     c = core(conn, store_timeout_s=0.2)
     try:
         c.put("k", 1)
-        conn.flush_gate.clear()
-        t = flush_in_thread(c)
-        assert conn.in_flush.wait(WAIT)
+        t = hanging_flush(c, conn)
         with pytest.raises(StoreUnavailableError):
             c.get("elsewhere")
         conn.flush_gate.set()
@@ -136,9 +136,7 @@ def test_a_write_during_a_flush_of_the_same_key_wins_in_the_store():
     c = core(conn)
     try:
         c.put("k", "old")
-        conn.flush_gate.clear()
-        t = flush_in_thread(c)
-        assert conn.in_flush.wait(WAIT)
+        t = hanging_flush(c, conn)
         c.put("k", "new")  # arrives while "old" is in the store's hands
         conn.flush_gate.set()
         t.join(WAIT)
