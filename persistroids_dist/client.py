@@ -12,6 +12,7 @@ import hashlib
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from ray import cloudpickle  # the serializer only: no Ray calls on the data path
@@ -393,15 +394,20 @@ class Cache:
         sent = _monotonic()
         try:
             with conn.lock:
+                resend = None
                 if name is not None:
                     frame = protocol.update_named(kb, ab, name)
+                elif digest in conn.known_functions:
+                    frame = protocol.update(kb, ab, digest, None)
+                    # Resent to a restarted shard, it goes with its function.
+                    resend = partial(protocol.update, kb, ab, digest, blob)
                 else:
-                    frame = protocol.update(kb, ab, digest,
-                                            None if digest in conn.known_functions else blob)
+                    frame = protocol.update(kb, ab, digest, blob)
                 if wait:
-                    vb = conn.call(frame)
+                    vb = conn.call(frame, resend)
                 else:
-                    conn.send(frame)  # later frames on this connection find fn registered
+                    # Later frames on this connection find fn registered.
+                    conn.send(frame, 1, resend)
                 if name is None:
                     conn.known_functions.add(digest)
         except LinkError as e:

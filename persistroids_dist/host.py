@@ -23,8 +23,9 @@ from .errors import (
     LeaseLostError,
     PicklingRefusedError,
 )
-from .journal import Journal
+from .journal import REQUEST, SESSIONS, Journal
 from .protocol import Op, array_header
+from .session import Sessions
 from .shard import ShardCore
 from .transport import Packed, ShardServer
 
@@ -74,19 +75,31 @@ class ShardHost:
         # thread flushes, so no store I/O runs under the lock the handlers below take.
         self.core = ShardCore(connectors, index=index, journal=self.journal, background=True,
                               **options)
+        # Numbered requests of client sessions: a request resent after a reconnect (this
+        # shard restarted, say) is applied once. Under the core's lock, as the journal is.
+        self.sessions = Sessions(self.core._lock, self.journal, index)
         if self.journal is not None:
             # A restarted shard first applies what its previous run acknowledged and no
-            # flush stored; only then does it serve.
-            replayed = self.core.replay(self.journal.recovered())
+            # flush stored (and learns which requests those were); only then does it serve.
+            replayed = self.core.replay(self._unwrapped(self.journal.recovered()))
             if replayed:
                 log.warning("shard %d: replayed %d journaled write(s) from %s", index,
                             replayed, self.journal.directory)
+            # Each new segment starts with the session table: the segments a flush releases
+            # take their REQUEST records with them. This run's first segment too.
+            self.journal.on_rotate = self.sessions.snapshot
+            with self.core._lock:
+                self.journal.append(self.sessions.snapshot())
+            self.journal.commit()
         self._dir = tempfile.mkdtemp(prefix="persistroids-")
         os.chmod(self._dir, 0o700)
         # Exclusive leases: key -> its current Grant. Guarded by the core's lock, so a lease
         # check and the operation it guards are atomic.
         self._leases: dict[bytes, Grant] = {}
-        self._gen = 0
+        # Generations go on from the clock, not from 0: a restarted shard must not give a
+        # new grant the number of one its previous run gave (a late RELEASE naming that old
+        # grant would then match the new one).
+        self._gen = time.time_ns() // 1000
         # Set (under the core's lock) while the shard closes: writes are refused from then
         # on, so none can land after the final flush; cleared again if that flush fails.
         self._closing = False
@@ -118,8 +131,18 @@ class ShardHost:
         self.server = ShardServer(handlers, secret,
                                   unix_path=os.path.join(self._dir, f"shard{index}.sock"),
                                   tcp_host=tcp_host,
-                                  before_reply=self.journal.commit if self.journal else None)
+                                  before_reply=self.journal.commit if self.journal else None,
+                                  sessions=self.sessions)
         self._address = self.server.start()
+
+    def _unwrapped(self, records: Any) -> Any:
+        """The journal's records, the session ones taken in (a request's own records are
+        handed on for the core to replay)."""
+        for record in records:
+            if record[0] in (REQUEST, SESSIONS):
+                yield from self.sessions.replayed(record)
+            else:
+                yield record
 
     # -- leases ------------------------------------------------------------------------------
     def _wait_unleased(self, kbs: Any) -> None:
@@ -355,6 +378,8 @@ class ShardHost:
         m["auth_failures"] = self.server.auth_failures
         m["handshake_refused"] = self.server.handshake_refused
         m["connections"] = self.server.connections
+        m["sessions"] = len(self.sessions)
+        m.update(self.sessions.stats)
         if self.journal is not None:
             m["journal_bytes"] = self.journal.bytes
             m["journal_path"] = self.journal.directory

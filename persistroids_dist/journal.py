@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
@@ -39,6 +39,11 @@ DELETE = 1  # [DELETE, kb, ab]
 # pickled: the journal is this shard's own file, never data from the network.
 DEAD = 2  # [DEAD, connector id, kb, pickled payload, error text, attempts]
 UNDEAD = 3  # [UNDEAD, connector id, kb, pickled payload (retried) | None (discarded)]
+# Sessions (see ``session``): a numbered request, whole (its records and the answer it got
+# are one record, so a crash keeps all of it or none: a request must never be replayed and
+# then resent), and the session table, said again at the start of every new segment.
+REQUEST = 4  # [REQUEST, session id, seq, answer frame, [record, ...]]
+SESSIONS = 5  # [SESSIONS, [[session id, last seq, answer frame, [[seq, error frame]...]]...]]
 
 
 class Journal:
@@ -66,6 +71,11 @@ class Journal:
         self._seg_bytes = 0  # written to the current segment
         self._released = -1  # segments up to this one are gone
         self.appended = 0
+        # A request's records are staged per thread (``begin_request``) and appended whole.
+        self._local = threading.local()
+        # Records to start each new segment with (the session table), called under the
+        # shard's lock like every append.
+        self.on_rotate: Callable[[], list[Any]] | None = None
         self._stop = threading.Event()
         if fsync == "interval":
             threading.Thread(target=self._sync_loop, args=(interval_s,), daemon=True,
@@ -120,10 +130,28 @@ class Journal:
 
     # -- appending ------------------------------------------------------------------------
     def append(self, record: list[Any]) -> None:
-        """Buffer ``record``; ``commit`` writes it (before its write is acknowledged)."""
+        """Buffer ``record``; ``commit`` writes it (before its write is acknowledged). Inside
+        ``begin_request`` on this thread, stage it for that request's record instead."""
+        staged = self._local.__dict__.get("staged")
+        if staged is not None:
+            staged.append(record)
+            return
         with self._lock:  # the lock also keeps the packer to one thread at a time
             self._buf += self._packer.pack(record)
             self.appended += 1
+
+    def begin_request(self) -> None:
+        """Stage this thread's appends until ``end_request``."""
+        self._local.staged = []
+
+    def end_request(self, head: list[Any]) -> None:
+        """Append ``head + [staged records]`` as one record (a REQUEST): replayed whole, or,
+        cut off by a crash, not at all."""
+        staged, self._local.staged = self._local.staged, None
+        head.append(staged)
+        with self._lock:
+            self._buf += self._packer.pack(head)
+            self.appended += len(staged)
 
     def commit(self) -> None:
         """Hand the buffered records to the kernel (and the disk, with ``fsync="always"``).
@@ -176,6 +204,8 @@ class Journal:
             self._seg += 1
             self._fd = self._open(self._seg)
             self._seg_bytes = 0
+            if self.on_rotate is not None:  # what the segments going away must not take
+                self._buf += self._packer.pack(self.on_rotate())
             return last
 
     def keep(self, upto: int) -> None:

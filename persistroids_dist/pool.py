@@ -11,7 +11,12 @@ from typing import Any
 
 from . import control
 from .codec import NUM_SLOTS, slot_of
-from .errors import CacheClosedError, ShardUnavailableError, UnacknowledgedWritesError
+from .errors import (
+    AuthenticationError,
+    CacheClosedError,
+    ShardUnavailableError,
+    UnacknowledgedWritesError,
+)
 from .lease import Ownership
 from .near import NearCache
 from .spec import CacheSpec
@@ -53,17 +58,46 @@ class Pool:
             if c is not None and c.closed:  # closed by the linger thread: a send failed
                 self._retire(shard, c)
             if c is None or c.closed:
-                try:
-                    c = Connection(self.addresses[shard], self.spec.secret)
-                except (ConnectionError, FileNotFoundError, OSError):
-                    self.addresses[shard] = self._resolve(shard)
-                    c = Connection(self.addresses[shard], self.spec.secret)
-                self.conns[shard] = c
+                c = self.conns[shard] = self._open(shard)
             return c
+
+    def _open(self, shard: int) -> Connection:
+        """Connect to ``shard``, finding it through Ray if it moved, and waiting up to the
+        cache's ``shard_wait_s`` while Ray restarts it. A shard that dies during the
+        handshake closes the socket, which reads as a refused secret: retried, as a
+        refusal from a shard that is up and answers Ray is not."""
+        deadline = time.monotonic() + self.spec.shard_wait_s
+        refusals = 0
+        delay = 0.01
+        while True:
+            try:
+                return self._connect(shard)
+            except AuthenticationError:
+                refusals += 1
+                if refusals >= 3:
+                    raise
+                error: OSError = ShardUnavailableError("it closed the connection during "
+                                                       "the handshake")
+            except OSError as e:
+                error = e
+            if time.monotonic() >= deadline:
+                raise ShardUnavailableError(
+                    f"cache {self.spec.name!r}: could not connect to shard {shard} within "
+                    f"{self.spec.shard_wait_s:g} s: {error}") from error
+            self._resolve(shard)  # waits while Ray restarts it; raises if it is gone
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+    def _connect(self, shard: int) -> Connection:
+        """A connection to ``shard`` that resumes itself if the shard restarts (waiting up to
+        the cache's ``shard_wait_s``), resending what it had not had answered."""
+        return Connection(self.addresses[shard], self.spec.secret,
+                          resolve=lambda: self._resolve(shard), wait_s=self.spec.shard_wait_s)
 
     def _resolve(self, shard: int) -> dict[str, Any]:
         # The shard may have been restarted by Ray with a new socket: ask it where it is.
-        return control.resolve_address(self.spec, shard)
+        self.addresses[shard] = address = control.resolve_address(self.spec, shard)
+        return address
 
     def drop(self, shard: int) -> None:
         """Close the connection to ``shard`` (the next use reconnects); writes it had not
@@ -109,7 +143,7 @@ class Pool:
         return self.table[slot_of(kb)]
 
     def open_connection(self, shard: int) -> Connection:
-        return Connection(self.addresses[shard], self.spec.secret)
+        return self._open(shard)
 
     def scatter(self, frames: dict[int, bytes], errors: bool = False) -> dict[int, Any]:
         """Send one request per shard, then collect the answers: one round trip overall.

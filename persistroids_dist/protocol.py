@@ -16,7 +16,7 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["Op"]
+__all__ = ["SEQUENCED", "Op"]
 
 _packb = msgpack.packb
 
@@ -44,6 +44,15 @@ class Op:
     DEAD_LETTERS = 18  # [] -> [{key, connector, error, attempts, shard}, ...]
     RETRY_DEAD_LETTERS = 19  # [] -> how many went back into the buffer
     DISCARD_DEAD_LETTERS = 20  # [] -> how many were dropped
+    # A connection's first request: [session id, first unanswered seq, next seq] -> the last
+    # seq the shard applied for that session, or None (see ``session``).
+    SESSION = 21
+
+
+#: The requests that change a shard's state and are numbered per session (implicitly: both
+#: ends count them), so a request resent after a reconnect is never applied twice.
+SEQUENCED = frozenset({Op.WRITE, Op.WRITE_MANY, Op.UPDATE, Op.UPDATE_NAMED, Op.DELETE,
+                       Op.LEASE, Op.RELEASE})
 
 
 def read(kb: bytes, ab: bytes | None, checkpoint: bytes | None = None) -> bytes:
@@ -122,3 +131,10 @@ METRICS = _packb([Op.METRICS])
 DEAD_LETTERS = _packb([Op.DEAD_LETTERS])
 RETRY_DEAD_LETTERS = _packb([Op.RETRY_DEAD_LETTERS])
 DISCARD_DEAD_LETTERS = _packb([Op.DISCARD_DEAD_LETTERS])
+
+
+def session(sid: bytes, first: int, next_seq: int) -> bytes:
+    """Open (or resume) session ``sid`` on a new connection: the frames numbered ``first``
+    to ``next_seq - 1`` follow as resends (their answers never came); numbering of new
+    requests goes on from ``next_seq``."""
+    return _packb([Op.SESSION, sid, first, next_seq])

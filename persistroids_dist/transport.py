@@ -29,8 +29,8 @@ import msgpack
 
 from . import protocol
 from .codec import _ext_hook
-from .errors import AuthenticationError, RemoteError
-from .protocol import Op
+from .errors import AuthenticationError, RemoteError, UnacknowledgedWritesError
+from .protocol import SEQUENCED, Op
 
 __all__ = ["Connection", "LinkError", "Op", "ShardServer"]
 
@@ -127,8 +127,12 @@ class ShardServer:
                  unix_path: str | None, tcp_host: str | None = None,
                  handshake_timeout: float = _HANDSHAKE_TIMEOUT,
                  max_handshakes: int = _MAX_HANDSHAKES,
-                 before_reply: Callable[[], None] | None = None) -> None:
+                 before_reply: Callable[[], None] | None = None,
+                 sessions: Any = None) -> None:
         self.handlers = handlers
+        # ``session.Sessions``: applies each numbered request of a session once (None: every
+        # request is applied as it comes, and SESSION is answered None).
+        self.sessions = sessions
         # Runs before the answers of a batch of requests are sent (the shard's journal
         # commit: nothing is acknowledged before it is written).
         self.before_reply = before_reply
@@ -335,13 +339,24 @@ class ShardServer:
         if close:
             h.sock.close()
 
+    def _answer(self, req: Any) -> bytes:
+        """The answer frame to request ``req``: ``[0, result]`` or ``[1, pickled error]``."""
+        try:
+            result = self.handlers[req[0]](*req[1:])
+            if type(result) is Packed:  # already msgpack: sent as it is
+                return _OK_HEADER + result
+            return msgpack.packb([0, result])
+        except Exception as e:  # the client re-raises it
+            return msgpack.packb([1, encode_error(e)])
+
     def _serve(self, sock: socket.socket, data: bytes) -> None:
         """Answer an authenticated connection's requests, starting with ``data`` (what it sent
         behind its proof), until it closes."""
         unpacker = _unpacker()
-        handlers = self.handlers
-        packb = msgpack.packb
+        answer = self._answer
         before_reply = self.before_reply
+        sessions = self.sessions
+        link = None  # this connection's place in its session, once it opened one
         try:
             while True:
                 if data:
@@ -349,14 +364,19 @@ class ShardServer:
                     out = []
                     # Answer every complete request received so far with one send.
                     for req in unpacker:
-                        try:
-                            result = handlers[req[0]](*req[1:])
-                            if type(result) is Packed:  # already msgpack: sent as it is
-                                out.append(_OK_HEADER + result)
-                            else:
-                                out.append(packb([0, result]))
-                        except Exception as e:  # the client re-raises it
-                            out.append(packb([1, encode_error(e)]))
+                        if link is not None and req[0] in SEQUENCED:
+                            out.append(sessions.apply(link, answer, req))
+                        elif req[0] == Op.SESSION:
+                            try:
+                                if sessions is None:
+                                    last = None
+                                else:
+                                    link, last = sessions.open(*req[1:])
+                                out.append(msgpack.packb([0, last]))
+                            except Exception as e:
+                                out.append(msgpack.packb([1, encode_error(e)]))
+                        else:
+                            out.append(answer(req))
                     if before_reply is not None:
                         before_reply()
                     sock.sendall(b"".join(out))
@@ -370,17 +390,25 @@ class ShardServer:
 
 
 class Connection:
-    """A client's authenticated connection to one shard, with pipelining.
+    """A client's authenticated connection to one shard, with pipelining and resends.
 
     ``send`` queues a request without waiting for its response (at most ``max_unacked`` are in
     flight, which bounds both ends' buffers); ``call`` sends one and waits for its result,
     first consuming earlier responses. An error answering a pipelined request is kept and
     raised by the next ``sync``. Not thread-safe: hold ``lock`` around use.
+
+    The connection opens a session (see ``session``) and keeps every request until its
+    answer comes. Given ``resolve`` (where the shard listens now, waiting while Ray restarts
+    it), a broken connection is dialled again, for up to ``wait_s`` seconds, and every
+    unanswered request is sent again: the shard applies each numbered one once. Only when
+    that fails does an operation raise LinkError.
     """
 
     def __init__(self, address: dict[str, Any], secret: bytes, *, max_unacked: int = 512,
                  batch_max: int = 512, linger: float = 0.001,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None,
+                 resolve: Callable[[], dict[str, Any]] | None = None,
+                 wait_s: float = 30.0) -> None:
         self.lock = threading.Lock()
         self.max_unacked = max_unacked
         self.batch_max = batch_max
@@ -388,12 +416,26 @@ class Connection:
         self.queue: list[list[Any]] = []  # writes waiting to go out as one WRITE_MANY
         self.queued_at = 0.0  # when the first write of ``queue`` was queued
         self.unacked = 0
-        # Per request sent and not yet answered, how many writes it carries: what is
-        # unaccounted for if the connection breaks (see ``unaccounted``).
-        self.inflight: deque[int] = deque()
+        # Per request sent and not yet answered: [writes it carries (what is unaccounted
+        # for if the connection is lost, see ``unaccounted``), frame, seq or None, None or
+        # a function making the frame to resend in its place].
+        self.inflight: deque[list[Any]] = deque()
         self.deferred: list[BaseException] = []
         self.known_functions: set[bytes] = set()
         self.closed = False
+        self.secret = secret
+        self.timeout = timeout
+        self.resolve = resolve
+        self.wait_s = wait_s
+        self.sid = os.urandom(16)
+        self.next_seq = 1  # the number of the next SEQUENCED request
+        self.redials = 0
+        self._answered: list[Any] = [0]  # the inflight entry of the last answer read
+        self.address = address
+        self._dial(address)
+
+    def _dial(self, address: dict[str, Any]) -> None:
+        """Connect to ``address``, prove the secret both ways, open the session."""
         if address.get("unix") and address.get("host") == socket.gethostname() \
                 and os.path.exists(address["unix"]):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -404,24 +446,78 @@ class Connection:
             target = tuple(address["tcp"])
         else:
             raise ConnectionError(f"no reachable address in {address}")
-        sock.settimeout(_HANDSHAKE_TIMEOUT)
-        sock.connect(target)
-        self.sock = sock
-        self.unpacker = _unpacker()
+        secret = self.secret
+        unpacker = _unpacker()
         try:
-            magic, nonce = _recv_obj(sock, self.unpacker)
+            sock.settimeout(_HANDSHAKE_TIMEOUT)
+            sock.connect(target)
+            magic, nonce = _recv_obj(sock, unpacker)
             if magic != _MAGIC:
                 raise AuthenticationError("peer is not a persistroids shard")
             mine = os.urandom(16)
             sock.sendall(msgpack.packb([_mac(secret, b"client", nonce, mine), mine]))
-            proof = _recv_obj(sock, self.unpacker)
-        except ConnectionError:
+            try:
+                proof = _recv_obj(sock, unpacker)
+            except ConnectionError:
+                raise AuthenticationError(
+                    "shard refused the connection: wrong cache secret") from None
+            if not hmac.compare_digest(proof, _mac(secret, b"server", mine, nonce)):
+                raise AuthenticationError("shard could not prove the cache secret")
+            first = next((e[2] for e in self.inflight if e[2] is not None), self.next_seq)
+            sock.sendall(protocol.session(self.sid, first, self.next_seq))
+            status, result = _recv_obj(sock, unpacker)
+            if status:
+                raise pickle.loads(result)
+            sock.settimeout(self.timeout)
+        except BaseException:
             sock.close()
-            raise AuthenticationError("shard refused the connection: wrong cache secret") from None
-        if not hmac.compare_digest(proof, _mac(secret, b"server", mine, nonce)):
-            sock.close()
-            raise AuthenticationError("shard could not prove the cache secret")
-        sock.settimeout(timeout)
+            raise
+        self.sock = sock
+        self.unpacker = unpacker
+
+    def _recover(self, error: OSError) -> None:
+        """The connection broke: dial the shard again (where ``resolve`` says it is now) and
+        send every unanswered request again, retrying for up to ``wait_s``; else LinkError."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self.resolve is None or self.closed:
+            raise LinkError(f"connection to the shard broke: {error}") from error
+        deadline = _monotonic() + self.wait_s
+        delay = 0.01
+        while True:
+            try:
+                try:
+                    self._dial(self.address)
+                except OSError:
+                    # The shard moved (Ray restarted it: a new socket) or is restarting (an
+                    # AuthenticationError too: a shard closing as it dies; a wrong secret
+                    # would have failed the first dial, not this one).
+                    try:
+                        self.address = self.resolve()  # waits while Ray restarts it
+                    except Exception as e:  # gone for good, or not back in its wait
+                        raise LinkError(f"connection to the shard broke ({error}), and the "
+                                        f"shard did not come back: {e}") from e
+                    self._dial(self.address)
+                self.redials += 1
+                self.known_functions.clear()  # a new process knows none of them
+                if self.inflight:
+                    self.sock.sendall(b"".join(e[1] if e[3] is None else e[3]()
+                                               for e in self.inflight))
+                return
+            except LinkError:
+                raise
+            except OSError as e:
+                try:
+                    self.sock.close()
+                except OSError:
+                    pass
+                if self.closed or _monotonic() >= deadline:
+                    raise LinkError(f"connection to the shard broke ({error}), and it could "
+                                    f"not be resumed within {self.wait_s:g} s: {e}") from e
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     def close(self) -> None:
         self.closed = True
@@ -451,14 +547,25 @@ class Connection:
             items, self.queue = self.queue, []
             self._send(protocol.write_many(items), len(items))
 
-    def send(self, frame: bytes, writes: int = 1) -> None:
+    def send(self, frame: bytes, writes: int = 1,
+             resend: Callable[[], bytes] | None = None) -> None:
         """Send a request whose response is read later (an error is raised by a later call).
-        ``writes``: how many writes it carries, for ``unaccounted``."""
+        ``writes``: how many writes it carries, for ``unaccounted``; ``resend``: makes the
+        frame to send in its place after a reconnect (an update with its function, which a
+        restarted shard does not know)."""
         self.send_queue()
-        self._send(frame, writes)
+        self._send(frame, writes, resend)
 
-    def _send(self, frame: bytes, writes: int) -> None:
-        self.inflight.append(writes)  # first: a send that fails half-way still counts them
+    def _send(self, frame: bytes, writes: int,
+              resend: Callable[[], bytes] | None = None) -> None:
+        # Every frame is a msgpack array of fewer than 16 items (a one-byte header), so its
+        # opcode is its second byte.
+        seq = None
+        if frame[1] in SEQUENCED:
+            seq = self.next_seq
+            self.next_seq = seq + 1
+        # First: a send that fails half-way still counts it, and resends it.
+        self.inflight.append([writes, frame, seq, resend])
         self.unacked += 1
         self._sendall(frame)
         if self.unacked >= self.max_unacked:
@@ -468,27 +575,39 @@ class Connection:
         try:
             self.sock.sendall(frame)
         except OSError as e:
-            raise LinkError(f"connection to the shard broke: {e}") from e
+            self._recover(e)  # resends every unanswered frame, this one included
 
     def _recv_answer(self) -> tuple[int, Any]:
-        try:
-            answer = _recv_obj(self.sock, self.unpacker)
-        except OSError as e:  # ConnectionError included
-            raise LinkError(f"connection to the shard broke: {e}") from e
+        while True:
+            try:
+                answer = _recv_obj(self.sock, self.unpacker)
+                break
+            except OSError as e:  # ConnectionError included
+                self._recover(e)
         self.unacked -= 1
-        self.inflight.popleft()
+        self._answered = self.inflight.popleft()
         return answer
 
     def _drain(self, keep: int = 0) -> None:
         while self.unacked > keep:
             status, result = self._recv_answer()
             if status:
-                self.deferred.append(pickle.loads(result))
+                self._defer(pickle.loads(result))
+
+    def _defer(self, error: BaseException) -> None:
+        deferred = self.deferred
+        if type(error) is UnacknowledgedWritesError:  # a refused resend: count its writes
+            count = max(1, self._answered[0])
+            if deferred and type(deferred[-1]) is UnacknowledgedWritesError \
+                    and deferred[-1].shard == error.shard:  # one error for the whole run
+                count += deferred.pop().count
+            error = UnacknowledgedWritesError(error.shard, count, error.detail)
+        deferred.append(error)
 
     def unaccounted(self) -> int:
         """Writes queued or sent here whose answer never came: after a broken connection,
         each may or may not have been applied."""
-        return len(self.queue) + sum(self.inflight)
+        return len(self.queue) + sum(e[0] for e in self.inflight)
 
     def sync(self) -> None:
         """Wait until every pipelined request was applied; raise the first deferred error."""
@@ -501,12 +620,11 @@ class Connection:
             errors, self.deferred = self.deferred, []
             raise errors[0]
 
-    def begin(self, frame: bytes) -> None:
+    def begin(self, frame: bytes, resend: Callable[[], bytes] | None = None) -> None:
         """Send a request whose answer ``finish`` collects (lets one caller fan out)."""
         self.send_queue()  # queued writes go first: this process reads its own writes
-        self.inflight.append(0)  # its caller waits for the answer and hears of a failure
-        self.unacked += 1
-        self._sendall(frame)
+        # Its caller waits for the answer and hears of a failure: 0 writes unaccounted.
+        self._send(frame, 0, resend)
 
     def finish(self) -> Any:
         """Consume earlier pipelined answers, then return the last request's result. An
@@ -518,6 +636,6 @@ class Connection:
             raise pickle.loads(result)
         return result
 
-    def call(self, frame: bytes) -> Any:
-        self.begin(frame)
+    def call(self, frame: bytes, resend: Callable[[], bytes] | None = None) -> Any:
+        self.begin(frame, resend)
         return self.finish()
