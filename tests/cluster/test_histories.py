@@ -7,7 +7,8 @@ for an order that respects real time and the register-with-add semantics. Writes
 large values and updates add 1..5, so a stale or lost value cannot hide.
 
 Modes: plain (read / write(wait=True) / update / read_many), pipelined writes acknowledged by
-sync(), update-only counters, exclusive leases under recall, and evictions to SQLite.
+sync(), update-only counters, exclusive leases under recall, evictions to SQLite, and plain
+ops while shard processes are SIGKILLed and restarted.
 """
 
 from __future__ import annotations
@@ -204,6 +205,24 @@ def _lost(ops: list[Op], drop_reads: bool) -> None:
             op.ret, op.result = INF, None
 
 
+@ray.remote(num_cpus=0.5, max_retries=0)
+def plain_worker_through_kills(cache, worker, keys, n, seed, tag):
+    """``plain_worker`` that records an op whose call raised as of unknown outcome and goes
+    on; returns the ops and the errors' texts."""
+    from persistroids_dist import PersistroidsError
+
+    rng = random.Random(seed)
+    rec = Recorder(worker)
+    errors = []
+    barrier(cache, tag, WORKERS)
+    for i in range(n):
+        try:
+            do_plain_op(cache, rec, rng, keys, i, many=False)
+        except PersistroidsError as e:  # the op stays unknown: it may have been applied
+            errors.append(f"{type(e).__name__}: {e}")
+    return rec.ops, errors
+
+
 # -- driver side ------------------------------------------------------------------------------
 def run(worker_fn, cache, keys, *, n=OPS, seed=0, **kwargs) -> list[Any]:
     tag = uuid.uuid4().hex
@@ -315,6 +334,39 @@ def test_leases_under_recall_are_linearizable(make_cache):
         assert recalls > recalls_before, "no lease was recalled: the test lost its point"
         recalls_before = recalls
     assert not failures, f"{len(failures)} of {rounds} histories failed:\n" + "\n".join(failures)
+
+
+def test_histories_across_shard_kills_are_linearizable(make_cache, tmp_path):
+    """Both shards are SIGKILLed, one after the other, while four workers read, write and
+    update three keys. Calls wait for Ray's restart and resend what was not answered; the
+    restarted shard replays its journal and applies each resent request once. An op that
+    raised would count as of unknown outcome, but none should: that is the claim."""
+    import os
+    import signal
+
+    cache = make_cache(init_fn=zero, journal=tmp_path / "journal")
+    keys = ["k0", "k1", "k2", "k3"]
+    assert len({cache.shard_of(k) for k in keys}) == 2
+    tag = uuid.uuid4().hex
+    refs = [plain_worker_through_kills.remote(cache, w, keys, 1500, 700 + w, tag)
+            for w in range(WORKERS)]
+    deadline = time.monotonic() + 60
+    while cache.read(("barrier", tag)) < WORKERS:  # the workers are running
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for shard in (0, 1):
+        time.sleep(0.3)
+        os.kill(cache.metrics()["shards"][shard]["pid"], signal.SIGKILL)
+    results = ray.get(refs, timeout=300)
+    history = [op for ops, _ in results for op in ops]
+    errors = [e for _, errs in results for e in errs]
+    m = cache.metrics()["shards"]
+    assert [s["restarts"] for s in m] == [1, 1]
+    assert sum(s["sessions_resumed"] for s in m) >= 1
+    assert not errors, errors[:5]
+    assert sum(op.unknown for op in history) == 0
+    history += final_reads(cache, keys)
+    assert_linearizable(history, "across shard kills")
 
 
 def test_evictions_to_sqlite_are_linearizable(make_cache, tmp_path):
