@@ -118,6 +118,11 @@ class PrivateRedis:
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def up(self) -> bool:
+        """Whether this server is running (started and not stopped since)."""
+        return self.proc is not None
+
     def start(self) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
