@@ -24,11 +24,17 @@ class _ActorShardHost(ShardHost):
     """A ShardHost that knows it runs in a Ray actor: its node, and how often Ray restarted
     it (counted in its journal folder, which survives the restarts)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, index: int, connectors: list[Any], options: dict[str, Any],
+                 secret: bytes) -> None:
         ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()
         self.restarts = 0
-        super().__init__(*args, **kwargs)
+        options = dict(options)
+        # Clients on this node use the Unix socket; clients on other nodes need TCP, on the
+        # address Ray knows this node by (``listen_tcp=False``: this node only).
+        tcp_host = ray.util.get_node_ip_address() if options.pop("listen_tcp", True) else None
+        super().__init__(index, connectors, options, secret, tcp_host=tcp_host)
+        self._address["node_id"] = self.node_id
         if ctx.was_current_actor_reconstructed:
             self.restarts = self._count_restart()
             log.warning("shard %d: restarted by Ray (restart %d) on node %s", self.index,
@@ -51,6 +57,7 @@ class _ActorShardHost(ShardHost):
         m = super().metrics()
         m["node_id"] = self.node_id
         m["restarts"] = self.restarts
+        m["tcp"] = self._address.get("tcp")
         return m
 
 

@@ -76,6 +76,8 @@ def init(
     address: str | None = None,
     allow_pickle: bool = True,
     functions: dict[str, Callable[[Any], Any]] | None = None,
+    placement: str | dict[str, Any] | None = None,
+    tcp: bool = True,
 ) -> Cache:
     """Start a cache of ``num_shards`` shard actors and return its handle.
 
@@ -115,6 +117,15 @@ def init(
     (the other arguments are then ignored), so re-running a notebook cell is harmless;
     without it, an existing name raises ValueError.
     ``shard_options``: extra Ray actor options for the shards.
+    ``placement``: where the shards run. ``"spread"``: one per node as far as they go (the
+    default on a cluster of more than one node); ``"pack"``: Ray's default, filling a node
+    before the next (the default on one node); ``{"labels": {"key": "value", ...}}``: only
+    on nodes with those Ray node labels; ``{"resources": {"name": amount}}``: only on nodes
+    that have that custom resource (each shard takes ``amount``). The coordinator prefers the
+    node of the process that calls ``init``. Clients reach a shard on their own node over
+    its Unix socket and the others over TCP (``metrics()`` tells each shard's ``node_id``).
+    ``tcp``: shards also listen on TCP on their node's address (authenticated, not yet
+    encrypted); False keeps them to their Unix socket, for clients on their node only.
     ``address``: the Ray cluster to use if Ray is not initialized (see ``ensure_ray``):
     by default RAY_ADDRESS, else the running ``ray start`` cluster, else a small local one;
     ``"local"`` always starts a private one.
@@ -172,6 +183,9 @@ def init(
         raise TypeError(f"journal must be True, False or a directory, got {journal!r}")
     if fsync not in FSYNC_MODES:
         raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, got {fsync!r}")
+    control.check_placement(placement)
+    if not isinstance(tcp, bool):
+        raise TypeError(f"tcp must be True or False, got {tcp!r}")
     if get_if_exists and name is None:
         raise ValueError("get_if_exists=True needs a name: only a named cache can be found")
 
@@ -192,11 +206,11 @@ def init(
                    store_timeout_s=float(store_timeout_s),
                    checkpoint_handler=checkpoint_handler,
                    allow_pickle=allow_pickle, functions=functions,
-                   journal=journal_directory(journal, name), fsync=fsync)
+                   journal=journal_directory(journal, name), fsync=fsync, listen_tcp=tcp)
     return Cache(control.start_cache(
         name, num_shards, connectors, options, cache_key=cache_key,
         checkpoint_handler=checkpoint_handler, detached=detached, shard_options=shard_options,
-        shard_wait_s=float(shard_wait_s)))
+        shard_wait_s=float(shard_wait_s), placement=placement))
 
 
 def journal_directory(journal: str | os.PathLike[str] | bool, name: str) -> str | None:

@@ -15,6 +15,7 @@ import warnings
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .actors import Coordinator, ShardActor, wait_ready
 from .errors import CacheClosedError, RemoteError, ShardUnavailableError
@@ -196,9 +197,55 @@ def spec_of(coordinator: Any) -> CacheSpec:
     return CacheSpec.of(get(coordinator.spec.remote())).replace(coordinator=coordinator)
 
 
+_PLACEMENTS = ("spread", "pack")
+
+
+def check_placement(placement: Any) -> None:
+    """Raise ValueError naming what is wrong with an ``init(placement=...)``."""
+    if placement is None or placement in _PLACEMENTS:
+        return
+    if isinstance(placement, dict) and len(placement) == 1:
+        (kind, value), = placement.items()
+        if kind == "labels" and isinstance(value, dict) and value and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return
+        if kind == "resources" and isinstance(value, dict) and value and all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                and v > 0 for k, v in value.items()):
+            return
+    raise ValueError(
+        f"placement must be None, 'spread', 'pack', {{'labels': {{str: str}}}} or "
+        f"{{'resources': {{name: amount > 0}}}}, got {placement!r}")
+
+
+def placement_options(placement: Any, num_shards: int) -> list[dict[str, Any]]:
+    """Per shard, the Ray actor options that place it as ``placement`` says (see ``init``).
+
+    "spread" deals the shards out over the alive nodes in turn, each pinned to its node.
+    Ray's SPREAD strategy is best effort (it put two of three shards on one node of three in
+    a test), and so was a soft affinity on simulated nodes. Pinned, a shard restarts on its
+    own node, where its journal is; if the node is gone, so is the shard, loudly (calls
+    raise), rather than coming back empty elsewhere and serving older stored values."""
+    if placement is None or placement == "spread":
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+        if placement == "spread" or len(nodes) > 1:
+            return [{"scheduling_strategy": NodeAffinitySchedulingStrategy(
+                nodes[i % len(nodes)], soft=False)} for i in range(num_shards)]
+        placement = "pack"
+    if placement == "pack":
+        return [{} for _ in range(num_shards)]
+    (kind, value), = placement.items()
+    if kind == "labels":
+        from ray.util.scheduling_strategies import In, NodeLabelSchedulingStrategy
+        return [{"scheduling_strategy": NodeLabelSchedulingStrategy(
+            hard={k: In(v) for k, v in value.items()})} for _ in range(num_shards)]
+    return [{"resources": dict(value)} for _ in range(num_shards)]
+
+
 def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict[str, Any],
                 *, cache_key: Any, checkpoint_handler: Any, detached: bool,
-                shard_options: dict[str, Any] | None, shard_wait_s: float = 30.0) -> CacheSpec:
+                shard_options: dict[str, Any] | None, shard_wait_s: float = 30.0,
+                placement: Any = None) -> CacheSpec:
     """Start the shard actors and the coordinator of a new cache; its spec. On any failure
     every actor started here is removed again."""
     secret = os.urandom(32)
@@ -207,12 +254,13 @@ def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict
     actor_opts: dict[str, Any] = {"num_cpus": 0, "namespace": NAMESPACE, "max_restarts": -1}
     if detached:
         actor_opts["lifetime"] = "detached"
-    actor_opts.update(shard_options or {})
+    placed = placement_options(placement, num_shards)
     shards: list[Any] = []
     coordinator = None
     try:
         for i in range(num_shards):
-            shards.append(ShardActor.options(name=f"{_actor_name(name)}:shard{i}", **actor_opts)
+            opts = {**actor_opts, **placed[i], **(shard_options or {})}
+            shards.append(ShardActor.options(name=f"{_actor_name(name)}:shard{i}", **opts)
                           .remote(i, connectors, options, secret))
         addresses = wait_ready([s.address.remote() for s in shards])
         spec = CacheSpec(name=name, secret=secret, num_shards=num_shards, shards=shards,
@@ -220,7 +268,11 @@ def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict
                          allow_pickle=options.get("allow_pickle", True),
                          shard_wait_s=shard_wait_s,
                          functions=dict(options.get("functions") or {}))
-        coord_opts = {"num_cpus": 0, "namespace": NAMESPACE, "name": _actor_name(name)}
+        # The coordinator prefers the caller's node (soft: elsewhere if that one is full or
+        # gone): the driver that runs flushes and checkpoints talks to it most.
+        coord_opts = {"num_cpus": 0, "namespace": NAMESPACE, "name": _actor_name(name),
+                      "scheduling_strategy": NodeAffinitySchedulingStrategy(
+                          ray.get_runtime_context().get_node_id(), soft=True)}
         if detached:
             coord_opts["lifetime"] = "detached"
         coordinator = Coordinator.options(**coord_opts).remote(spec, shards, checkpoint_handler)
@@ -234,6 +286,25 @@ def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict
                              f"use connect({name!r}) once it runs") from None
         raise
     return spec.replace(coordinator=coordinator)
+
+
+_NODE_ID: list[str | None] = []
+
+
+def local_node_id() -> str | None:
+    """This process's Ray node id (None outside Ray), asked once: it is local state, not a
+    call to the cluster, but a connection is opened often enough to keep it."""
+    if not _NODE_ID:
+        node = None
+        if ray.is_initialized():
+            try:
+                node = ray.get_runtime_context().get_node_id()
+            except Exception:  # a driver not connected after all: fall back to host names
+                node = None
+        if node is None:
+            return None
+        _NODE_ID.append(node)
+    return _NODE_ID[0]
 
 
 def resolve_address(spec: CacheSpec, shard: int) -> dict[str, Any]:

@@ -378,6 +378,7 @@ class ShardHost:
         m["auth_failures"] = self.server.auth_failures
         m["handshake_refused"] = self.server.handshake_refused
         m["connections"] = self.server.connections
+        m["connections_tcp"] = self.server.tcp_connections
         m["sessions"] = len(self.sessions)
         m.update(self.sessions.stats)
         if self.journal is not None:

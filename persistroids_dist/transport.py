@@ -145,6 +145,7 @@ class ShardServer:
         self.auth_failures = 0  # peers refused: wrong proof, malformed, oversized, too slow
         self.handshake_refused = 0  # stalled handshakes closed to make room for new ones
         self.connections = 0
+        self.tcp_connections = 0  # of ``connections``: from other nodes (or told to use TCP)
         self._listeners: list[socket.socket] = []
         self._handshakes: dict[socket.socket, _Handshake] = {}  # oldest first
         self._wake: tuple[socket.socket, socket.socket] | None = None
@@ -324,6 +325,8 @@ class ShardServer:
             sock.close()
             return
         self.connections += 1
+        if sock.family != socket.AF_UNIX:
+            self.tcp_connections += 1
         rest = bytes(h.received[h.unpacker.tell():])  # pipelined behind the proof
         threading.Thread(target=self._serve, args=(sock, rest), daemon=True,
                          name="persistroids-conn").start()
@@ -408,7 +411,7 @@ class Connection:
                  batch_max: int = 512, linger: float = 0.001,
                  timeout: float | None = None,
                  resolve: Callable[[], dict[str, Any]] | None = None,
-                 wait_s: float = 30.0) -> None:
+                 wait_s: float = 30.0, node_id: str | None = None) -> None:
         self.lock = threading.Lock()
         self.max_unacked = max_unacked
         self.batch_max = batch_max
@@ -430,13 +433,17 @@ class Connection:
         self.sid = os.urandom(16)
         self.next_seq = 1  # the number of the next SEQUENCED request
         self.redials = 0
+        # This process's Ray node: a shard on it is reached over its Unix socket, any other
+        # over TCP (``transport`` says which this connection took).
+        self.node_id = node_id
+        self.transport = ""
         self._answered: list[Any] = [0]  # the inflight entry of the last answer read
         self.address = address
         self._dial(address)
 
     def _dial(self, address: dict[str, Any]) -> None:
         """Connect to ``address``, prove the secret both ways, open the session."""
-        if address.get("unix") and address.get("host") == socket.gethostname() \
+        if address.get("unix") and self._same_node(address) \
                 and os.path.exists(address["unix"]):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             target: Any = address["unix"]
@@ -474,6 +481,15 @@ class Connection:
             raise
         self.sock = sock
         self.unpacker = unpacker
+        self.transport = "unix" if sock.family == socket.AF_UNIX else "tcp"
+
+    def _same_node(self, address: dict[str, Any]) -> bool:
+        """Whether the shard runs on this process's node: by Ray node id when both are
+        known (simulated nodes share a host name and /tmp, real ones may share a name),
+        else by host name."""
+        if self.node_id and address.get("node_id"):
+            return bool(address["node_id"] == self.node_id)
+        return bool(address.get("host") == socket.gethostname())
 
     def _recover(self, error: OSError) -> None:
         """The connection broke: dial the shard again (where ``resolve`` says it is now) and

@@ -1,0 +1,42 @@
+"""Three simulated nodes (``ray.cluster_utils.Cluster``): shards spread, and every client
+reaches a shard on its own node over the Unix socket and the others over TCP.
+
+The scenario runs in a process of its own (``tests/multinode/spread_scenario.py``): a test
+session has one Ray, and a Cluster needs its own driver. Simulated nodes share one host and
+/tmp, so a Unix socket would work from every node: the test checks which transport each
+client took (and the shards' own count of TCP connections), so it fails if the choice were
+made by host name or by whether the socket file exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+SCENARIO = os.path.join(os.path.dirname(os.path.dirname(__file__)), "multinode",
+                        "spread_scenario.py")
+
+
+def test_shards_spread_and_clients_pick_unix_on_their_node_and_tcp_across(ray_session):
+    run = subprocess.run([sys.executable, SCENARIO], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    nodes, shard_nodes = out["nodes"], out["shard_nodes"]
+    assert len(nodes) == 3
+    assert sorted(shard_nodes) == nodes  # one shard per node
+    assert all(tcp and tcp[1] > 0 for tcp in out["shard_tcp"])
+    probes = {p["node"]: p["transports"] for p in out["probes"]}
+    assert sorted(probes) == nodes  # a task ran on every node
+    for node, transports in probes.items():
+        assert transports == ["unix" if s == node else "tcp" for s in shard_nodes], node
+    driver = out["driver_node"]
+    assert out["driver_transports"] == ["unix" if s == driver else "tcp" for s in shard_nodes]
+    # The shards' side: each was reached over TCP by the two tasks (and maybe the driver)
+    # on the other nodes, and over its Unix socket by the one on its own node.
+    for s, node in enumerate(shard_nodes):
+        tcp = 2 + (node != driver)
+        assert out["connections_tcp"][s] == tcp, (s, out["connections_tcp"])
+        assert out["connections"][s] - tcp >= 1
