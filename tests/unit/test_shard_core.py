@@ -161,6 +161,68 @@ def test_failing_connector_keeps_its_payloads_while_others_flush() -> None:
     assert core.metrics()["pending"] == 0
 
 
+class FailingCallConnector(DictConnector):
+    """Fails its ``fail_at``-th flush call (0-based) with ``error``; refuses the key
+    ``poison`` whenever a batch holds it."""
+
+    def __init__(self, fail_at: int | None = None, error: Exception | None = None,
+                 poison: Any = None) -> None:
+        super().__init__()
+        self.calls = 0
+        self.fail_at, self.error, self.poison = fail_at, error, poison
+
+    def flush(self, payloads: list[Any]) -> None:
+        call, self.calls = self.calls, self.calls + 1
+        if call == self.fail_at:
+            raise self.error  # type: ignore[misc]
+        if any(args == self.poison for args, _ in payloads):
+            raise ValueError("poison")
+        super().flush(payloads)
+
+
+def test_a_big_flush_goes_in_chunks_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("persistroids_dist.shard._FLUSH_CHUNK", 3)
+    conn = DictConnector()
+    core = make_core([conn])
+    for i in range(8):
+        core.put(i, i)
+    assert core.flush() == 8
+    assert conn.batches == [[(0, 0), (1, 1), (2, 2)], [(3, 3), (4, 4), (5, 5)], [(6, 6), (7, 7)]]
+    assert core.metrics()["pending"] == 0
+
+
+def test_a_chunk_the_store_fails_keeps_it_and_the_rest_pending(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("persistroids_dist.shard._FLUSH_CHUNK", 3)
+    conn = FailingCallConnector(fail_at=1, error=ConnectionError("down"))
+    core = make_core([conn])
+    for i in range(8):
+        core.put(i, i)
+    with pytest.raises(FlushError):
+        core.flush()
+    assert conn.store == {0: 0, 1: 1, 2: 2}  # the first chunk; nothing after the failure
+    assert conn.calls == 2
+    m = core.metrics()
+    assert m["pending"] == 5 and m["flush_errors"] == 1
+    core.put(4, 40)  # a newer write of a kept key wins
+    assert core.flush() == 5
+    assert conn.store == {i: 40 if i == 4 else i for i in range(8)}
+    assert conn.batches[1:] == [[(3, 3), (4, 40), (5, 5)], [(6, 6), (7, 7)]]
+
+
+def test_a_poison_payload_in_one_chunk_does_not_hold_back_the_others(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("persistroids_dist.shard._FLUSH_CHUNK", 3)
+    conn = FailingCallConnector(poison=4)
+    core = make_core([conn], max_attempts=1)
+    for i in range(8):
+        core.put(i, i)
+    core.flush()  # 4 becomes a dead letter; the chunk after its chunk is stored too
+    assert conn.store == {i: i for i in range(8) if i != 4}
+    assert [d["key"] for d in core.dead_letters()] == [4]
+    assert core.metrics()["pending"] == 0
+
+
 def test_write_after_a_failed_flush_replaces_the_kept_payload() -> None:
     conn = DictConnector()
     conn.failing = True
