@@ -110,19 +110,15 @@ class Cache:
         self._pool.drop(shard)
         return ShardUnavailableError(f"cache {self.name!r}: lost shard {shard}: {error}")
 
-    def _call(self, shard: int, frame: bytes, retry: bool = False) -> Any:
-        pool = self._pool
-        conn = pool.conn(shard)
+    def _call(self, shard: int, frame: bytes) -> Any:
+        # The connection resumes itself through a shard restart (waiting up to
+        # shard_wait_s); a LinkError means the shard did not come back.
+        conn = self._pool.conn(shard)
         try:
             with conn.lock:
                 return conn.call(frame)
         except LinkError as e:
-            lost = self._lost(shard, e)
-            if not retry:
-                raise lost from e
-            conn = pool.conn(shard)
-            with conn.lock:
-                return conn.call(frame)
+            raise self._lost(shard, e) from e
 
     # -- reads ------------------------------------------------------------------------------
     def read(self, args: Any, *, checkpoint: Any = _NO_CHECKPOINT) -> Any:
@@ -147,7 +143,7 @@ class Cache:
         else:
             frame = protocol.read(kb, ab, cloudpickle.dumps(checkpoint))
         sent = _monotonic()
-        vb = self._call(shard, frame, retry=True)
+        vb = self._call(shard, frame)
         value = decode_value(vb)
         if near is not None:
             near.put(kb, vb, value, sent)
@@ -332,14 +328,13 @@ class Cache:
         """The value of ``args`` from the cache or the stores, else ``default`` (where
         ``read`` would answer ``init_fn(args)``, or None when no store has the key)."""
         kb, ab = self._encode(args)
-        vb = self._call(self._table[slot_of(kb)], protocol.get(kb, ab), retry=True)
+        vb = self._call(self._table[slot_of(kb)], protocol.get(kb, ab))
         return default if vb is None else decode_value(vb)
 
     def contains(self, args: Any) -> bool:
         """Whether ``args`` has a value in the cache or a store (``init_fn`` not applied)."""
         kb, ab = self._encode(args)
-        return self._call(self._table[slot_of(kb)], protocol.get(kb, ab),
-                          retry=True) is not None
+        return self._call(self._table[slot_of(kb)], protocol.get(kb, ab)) is not None
 
     def __contains__(self, args: Any) -> bool:
         return self.contains(args)

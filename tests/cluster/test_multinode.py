@@ -40,3 +40,20 @@ def test_shards_spread_and_clients_pick_unix_on_their_node_and_tcp_across(ray_se
         tcp = 2 + (node != driver)
         assert out["connections_tcp"][s] == tcp, (s, out["connections_tcp"])
         assert out["connections"][s] - tcp >= 1
+
+
+NODE_LOSS = os.path.join(os.path.dirname(SCENARIO), "node_loss_scenario.py")
+
+
+def test_a_lost_node_takes_its_shard_loudly_and_the_others_keep_everything(ray_session):
+    # Without replicas a node's loss costs its shards' unflushed writes (the journal was on
+    # its disk). What the README promises: a call to such a shard raises, within
+    # shard_wait_s, instead of meeting an empty shard restarted elsewhere.
+    run = subprocess.run([sys.executable, NODE_LOSS], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+    assert run.returncode == 0, run.stderr[-3000:]
+    # Ray prints a removed raylet's state dump to stdout: the result is the marked line.
+    out = json.loads(next(line for line in run.stdout.splitlines()
+                          if line.startswith("RESULT "))[len("RESULT "):])
+    assert out["lost_call"] in ("ShardUnavailableError", "CacheClosedError"), out
+    assert out["survivors_intact"] and all(out["survivors_intact"].values()), out
