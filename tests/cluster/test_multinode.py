@@ -57,3 +57,24 @@ def test_a_lost_node_takes_its_shard_loudly_and_the_others_keep_everything(ray_s
                           if line.startswith("RESULT "))[len("RESULT "):])
     assert out["lost_call"] in ("ShardUnavailableError", "CacheClosedError"), out
     assert out["survivors_intact"] and all(out["survivors_intact"].values()), out
+
+
+HISTORY = os.path.join(os.path.dirname(SCENARIO), "history_scenario.py")
+
+
+def test_histories_across_nodes_are_linearizable(ray_session):
+    # One worker pinned to each node, four keys over the three shards: every key is reached
+    # over its shard's Unix socket by one worker and over TCP by the other two, at once.
+    tests = os.path.dirname(os.path.dirname(__file__))
+    path = os.pathsep.join([tests, os.path.dirname(SCENARIO), os.environ.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, HISTORY], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": path})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(next(line for line in run.stdout.splitlines()
+                          if line.startswith("RESULT "))[len("RESULT "):])
+    assert sorted(out["shards"][:3]) == [0, 1, 2] and len(set(out["shard_nodes"])) == 3
+    for w in out["workers"]:
+        assert w["transports"] == ["unix" if n == w["node"] else "tcp"
+                                   for n in out["shard_nodes"]]
+    assert out["ops"] >= 3 * 600
+    assert out["ok"], out["explain"]
