@@ -63,30 +63,18 @@ class Pool:
 
     def _open(self, shard: int) -> Connection:
         """Connect to ``shard``, finding it through Ray if it moved, and waiting up to the
-        cache's ``shard_wait_s`` while Ray restarts it. A shard that dies during the
-        handshake closes the socket, which reads as a refused secret: retried, as a
-        refusal from a shard that is up and answers Ray is not."""
-        deadline = time.monotonic() + self.spec.shard_wait_s
-        refusals = 0
-        delay = 0.01
-        while True:
-            try:
-                return self._connect(shard)
-            except AuthenticationError:
-                refusals += 1
-                if refusals >= 3:
-                    raise
-                error: OSError = ShardUnavailableError("it closed the connection during "
-                                                       "the handshake")
-            except OSError as e:
-                error = e
-            if time.monotonic() >= deadline:
-                raise ShardUnavailableError(
-                    f"cache {self.spec.name!r}: could not connect to shard {shard} within "
-                    f"{self.spec.shard_wait_s:g} s: {error}") from error
-            self._resolve(shard)  # waits while Ray restarts it; raises if it is gone
-            time.sleep(delay)
-            delay = min(delay * 2, 0.25)
+        cache's ``shard_wait_s`` while Ray restarts it (the connection's own retries, see
+        ``Connection._recover``). A shard that is gone or refuses the secret raises what
+        says so; any other failure is ShardUnavailableError."""
+        try:
+            return self._connect(shard)
+        except LinkError as e:
+            cause = e.__cause__
+            if isinstance(cause, (AuthenticationError, CacheClosedError,
+                                  ShardUnavailableError)):
+                raise cause from None
+            raise ShardUnavailableError(
+                f"cache {self.spec.name!r}: could not connect to shard {shard}: {e}") from e
 
     def _connect(self, shard: int) -> Connection:
         """A connection to ``shard`` that resumes itself if the shard restarts (waiting up to

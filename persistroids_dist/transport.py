@@ -439,7 +439,12 @@ class Connection:
         self.transport = ""
         self._answered: list[Any] = [0]  # the inflight entry of the last answer read
         self.address = address
-        self._dial(address)
+        try:
+            self._dial(address)
+        except OSError as e:  # the shard may be restarting, or have moved: see _recover
+            if resolve is None:
+                raise
+            self._recover(e, first=True)
 
     def _dial(self, address: dict[str, Any]) -> None:
         """Connect to ``address``, prove the secret both ways, open the session."""
@@ -491,32 +496,45 @@ class Connection:
             return bool(address["node_id"] == self.node_id)
         return bool(address.get("host") == socket.gethostname())
 
-    def _recover(self, error: OSError) -> None:
-        """The connection broke: dial the shard again (where ``resolve`` says it is now) and
-        send every unanswered request again, retrying for up to ``wait_s``; else LinkError."""
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+    def _recover(self, error: OSError, first: bool = False) -> None:
+        """The connection broke (or, ``first``, could not be opened): dial the shard again,
+        where ``resolve`` says it is now, and send every unanswered request again, retrying
+        for up to ``wait_s``; else LinkError (its cause: the last failure). A shard that is
+        up, where Ray says it is, and refuses the secret three times is not restarting:
+        the LinkError's cause is then its AuthenticationError."""
+        if not first:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
         if self.resolve is None or self.closed:
             raise LinkError(f"connection to the shard broke: {error}") from error
+        what = "could not be opened" if first else "broke"
         deadline = _monotonic() + self.wait_s
         delay = 0.01
+        refusals = 0
         while True:
             try:
                 try:
                     self._dial(self.address)
                 except OSError:
                     # The shard moved (Ray restarted it: a new socket) or is restarting (an
-                    # AuthenticationError too: a shard closing as it dies; a wrong secret
-                    # would have failed the first dial, not this one).
+                    # AuthenticationError too: a shard closing as it dies).
                     try:
                         self.address = self.resolve()  # waits while Ray restarts it
                     except Exception as e:  # gone for good, or not back in its wait
-                        raise LinkError(f"connection to the shard broke ({error}), and the "
+                        raise LinkError(f"connection to the shard {what} ({error}), and the "
                                         f"shard did not come back: {e}") from e
-                    self._dial(self.address)
-                self.redials += 1
+                    try:
+                        self._dial(self.address)
+                    except AuthenticationError as e:
+                        refusals += 1
+                        if refusals >= 3:
+                            raise LinkError(f"the shard refused the connection {refusals} "
+                                            f"times: {e}") from e
+                        raise
+                if not first:
+                    self.redials += 1
                 self.known_functions.clear()  # a new process knows none of them
                 if self.inflight:
                     self.sock.sendall(b"".join(e[1] if e[3] is None else e[3]()
@@ -525,13 +543,14 @@ class Connection:
             except LinkError:
                 raise
             except OSError as e:
-                try:
-                    self.sock.close()
-                except OSError:
-                    pass
+                if hasattr(self, "sock"):
+                    try:
+                        self.sock.close()
+                    except OSError:
+                        pass
                 if self.closed or _monotonic() >= deadline:
-                    raise LinkError(f"connection to the shard broke ({error}), and it could "
-                                    f"not be resumed within {self.wait_s:g} s: {e}") from e
+                    raise LinkError(f"connection to the shard {what} ({error}), and it "
+                                    f"could not be opened within {self.wait_s:g} s: {e}") from e
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
 
