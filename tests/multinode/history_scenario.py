@@ -20,9 +20,8 @@ import time
 
 import ray
 from linearizability import Recorder, check
-from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from spread_scenario import free_port
+from spread_scenario import start_cluster, transports
 
 import persistroids_dist as pd
 
@@ -48,18 +47,12 @@ def worker(cache: pd.Cache, w: int, keys: list[str], n: int, parties: int) -> tu
         else:
             d = rng.randint(1, 5)
             rec.run("add", k, d, functools.partial(cache.update, k, ADD[d]))
-    return (ray.get_runtime_context().get_node_id(),
-            [c.transport if c is not None else None for c in cache._pool.conns], rec.ops)
+    return ray.get_runtime_context().get_node_id(), transports(cache), rec.ops
 
 
 def main() -> int:
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "gcs_server_port": free_port(), "include_dashboard": False})
+    cluster, _ = start_cluster()
     try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         cache = pd.init(num_shards=3, init_fn=lambda a: 0, journal=False)
         # One key on each shard (so on each node), and a fourth on one of them.

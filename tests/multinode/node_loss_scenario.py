@@ -13,20 +13,15 @@ import tempfile
 import time
 
 import ray
-from ray.cluster_utils import Cluster
-from spread_scenario import free_port, keys_per_shard
+from spread_scenario import keys_per_shard, start_cluster
 
 import persistroids_dist as pd
 
 
 def main() -> int:
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "gcs_server_port": free_port(), "include_dashboard": False})
+    cluster, workers = start_cluster()
     journal = tempfile.mkdtemp(prefix="persistroids-nodeloss-")
     try:
-        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
         cache = pd.init(num_shards=3, journal=journal, shard_wait_s=5.0,
                         writes_threshold=10**6, millis_threshold=600_000)
         shards = cache.metrics()["shards"]

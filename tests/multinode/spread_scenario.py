@@ -22,6 +22,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_cluster() -> tuple[Cluster, list]:
+    """A head node and two more, one CPU each (Ray's head port 6379 is Redis's here: the GCS
+    takes a free one), with this process connected; the cluster and its two added nodes."""
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "gcs_server_port": free_port(), "include_dashboard": False})
+    try:
+        added = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    except BaseException:
+        cluster.shutdown()
+        raise
+    return cluster, added
+
+
+def transports(cache: pd.Cache) -> list[str | None]:
+    """The transport of this process's connection to each shard (None: not connected)."""
+    return [c.transport if c is not None else None for c in cache._pool.conns]
+
+
 def keys_per_shard(cache: pd.Cache, per: int = 5) -> list[list[str]]:
     out: list[list[str]] = [[] for _ in range(cache.num_shards)]
     i = 0
@@ -44,19 +64,12 @@ def probe(cache: pd.Cache, tag: str, keys: list[list[str]]) -> dict:
     back = cache.read_many([(tag, k) for shard_keys in keys for k in shard_keys])
     assert back == [k for shard_keys in keys for k in shard_keys], back
     assert cache.update((tag, "n"), lambda v: (v or 0) + 1) == 1
-    conns = cache._pool.conns
-    return {"node": ray.get_runtime_context().get_node_id(),
-            "transports": [c.transport if c is not None else None for c in conns]}
+    return {"node": ray.get_runtime_context().get_node_id(), "transports": transports(cache)}
 
 
 def main() -> int:
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "gcs_server_port": free_port(), "include_dashboard": False})
+    cluster, _ = start_cluster()
     try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         cache = pd.init(num_shards=3, journal=False)  # no placement: spread on 3 nodes
         keys = keys_per_shard(cache)
@@ -73,8 +86,7 @@ def main() -> int:
             "probes": probes,
             "connections": [m["connections"] for m in after],
             "connections_tcp": [m["connections_tcp"] for m in after],
-            "driver_transports": [c.transport if c is not None else None
-                                  for c in cache._pool.conns],
+            "driver_transports": transports(cache),
         }
         cache.shutdown()
         print(json.dumps(out), flush=True)
