@@ -19,11 +19,21 @@ SCENARIO = os.path.join(os.path.dirname(os.path.dirname(__file__)), "multinode",
                         "spread_scenario.py")
 
 
-def test_shards_spread_and_clients_pick_unix_on_their_node_and_tcp_across(ray_session):
-    run = subprocess.run([sys.executable, SCENARIO], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+def scenario(path: str) -> dict:
+    """Run the scenario at ``path`` in a process of its own (with its own Ray); its result."""
+    tests = os.path.dirname(os.path.dirname(__file__))
+    pythonpath = os.pathsep.join([tests, os.path.dirname(SCENARIO),
+                                  os.environ.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, path], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": pythonpath})
     assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    # Ray prints a removed raylet's state dump to stdout: the result is the marked line.
+    return json.loads(next(line for line in run.stdout.splitlines()
+                           if line.startswith("RESULT "))[len("RESULT "):])
+
+
+def test_shards_spread_and_clients_pick_unix_on_their_node_and_tcp_across(ray_session):
+    out = scenario(SCENARIO)
     nodes, shard_nodes = out["nodes"], out["shard_nodes"]
     assert len(nodes) == 3
     assert sorted(shard_nodes) == nodes  # one shard per node
@@ -49,12 +59,7 @@ def test_a_lost_node_takes_its_shard_loudly_and_the_others_keep_everything(ray_s
     # Without replicas a node's loss costs its shards' unflushed writes (the journal was on
     # its disk). What the README promises: a call to such a shard raises, within
     # shard_wait_s, instead of meeting an empty shard restarted elsewhere.
-    run = subprocess.run([sys.executable, NODE_LOSS], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
-    assert run.returncode == 0, run.stderr[-3000:]
-    # Ray prints a removed raylet's state dump to stdout: the result is the marked line.
-    out = json.loads(next(line for line in run.stdout.splitlines()
-                          if line.startswith("RESULT "))[len("RESULT "):])
+    out = scenario(NODE_LOSS)
     assert out["lost_call"] in ("ShardUnavailableError", "CacheClosedError"), out
     assert out["survivors_intact"] and all(out["survivors_intact"].values()), out
 
@@ -65,13 +70,7 @@ HISTORY = os.path.join(os.path.dirname(SCENARIO), "history_scenario.py")
 def test_histories_across_nodes_are_linearizable(ray_session):
     # One worker pinned to each node, four keys over the three shards: every key is reached
     # over its shard's Unix socket by one worker and over TCP by the other two, at once.
-    tests = os.path.dirname(os.path.dirname(__file__))
-    path = os.pathsep.join([tests, os.path.dirname(SCENARIO), os.environ.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, HISTORY], capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": path})
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(next(line for line in run.stdout.splitlines()
-                          if line.startswith("RESULT "))[len("RESULT "):])
+    out = scenario(HISTORY)
     assert sorted(out["shards"][:3]) == [0, 1, 2] and len(set(out["shard_nodes"])) == 3
     for w in out["workers"]:
         assert w["transports"] == ["unix" if n == w["node"] else "tcp"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import operator
 import random
 import sys
@@ -21,7 +20,7 @@ import time
 import ray
 from linearizability import Recorder, check
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from spread_scenario import start_cluster, transports
+from spread_scenario import report, three_nodes, transports
 
 import persistroids_dist as pd
 
@@ -51,8 +50,7 @@ def worker(cache: pd.Cache, w: int, keys: list[str], n: int, parties: int) -> tu
 
 
 def main() -> int:
-    cluster, _ = start_cluster()
-    try:
+    with three_nodes():
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         cache = pd.init(num_shards=3, init_fn=lambda a: 0, journal=False)
         # One key on each shard (so on each node), and a fourth on one of them.
@@ -73,11 +71,8 @@ def main() -> int:
                "keys": keys, "shards": [cache.shard_of(k) for k in keys],
                "shard_nodes": shard_nodes,
                "workers": [{"node": node, "transports": t} for node, t, _ in results]}
-        print("RESULT " + json.dumps(out), flush=True)
-        return 0
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+        report(out)
+    return 0
 
 
 if __name__ == "__main__":

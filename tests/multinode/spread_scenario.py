@@ -5,9 +5,11 @@ there used to reach each shard, and what the shards counted."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
+from collections.abc import Iterator
 
 import ray
 from ray.cluster_utils import Cluster
@@ -22,19 +24,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_cluster() -> tuple[Cluster, list]:
+@contextlib.contextmanager
+def three_nodes() -> Iterator[tuple[Cluster, list]]:
     """A head node and two more, one CPU each (Ray's head port 6379 is Redis's here: the GCS
-    takes a free one), with this process connected; the cluster and its two added nodes."""
+    takes a free one), with this process connected; yields the cluster and its two added
+    nodes, and tears both down at the end."""
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "gcs_server_port": free_port(), "include_dashboard": False})
     try:
         added = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
-    except BaseException:
+        yield cluster, added
+    finally:
+        ray.shutdown()
         cluster.shutdown()
-        raise
-    return cluster, added
+
+
+def report(out: dict) -> None:
+    """Print a scenario's result on a marked line: Ray may print to stdout too (a removed
+    node's raylet dumps its state there)."""
+    print("RESULT " + json.dumps(out), flush=True)
 
 
 def transports(cache: pd.Cache) -> list[str | None]:
@@ -68,8 +78,7 @@ def probe(cache: pd.Cache, tag: str, keys: list[list[str]]) -> dict:
 
 
 def main() -> int:
-    cluster, _ = start_cluster()
-    try:
+    with three_nodes():
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         cache = pd.init(num_shards=3, journal=False)  # no placement: spread on 3 nodes
         keys = keys_per_shard(cache)
@@ -89,11 +98,8 @@ def main() -> int:
             "driver_transports": transports(cache),
         }
         cache.shutdown()
-        print(json.dumps(out), flush=True)
-        return 0
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+        report(out)
+    return 0
 
 
 if __name__ == "__main__":
