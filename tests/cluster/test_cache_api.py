@@ -96,7 +96,10 @@ def test_invalidate_flushes_first_and_drops_from_the_cache_only(make_cache, tmp_
 def test_an_expired_entry_is_read_again_from_the_store(make_cache, tmp_path):
     db = tmp_path / "t.db"
     cache = make_cache([SQLiteConnector(db)], num_shards=1, ttl_s=3600)
-    cache.write("short", "v1", wait=True, ttl_s=0.2)
+    # A short TTL (3 s) that a slow CI machine cannot outlive between the write and the first read:
+    # with 0.2 s, a first test run on a cold Ray once read the store already.
+    written = time.monotonic()
+    cache.write("short", "v1", wait=True, ttl_s=3)
     cache.write("long", "v1", wait=True)
     cache.flush_now()
     con = sqlite3.connect(db)  # the store changes behind the cache's back
@@ -104,7 +107,7 @@ def test_an_expired_entry_is_read_again_from_the_store(make_cache, tmp_path):
     con.commit()
     con.close()
     assert cache.read("short") == "v1"  # still cached
-    time.sleep(0.3)
+    time.sleep(max(0.0, written + 3.2 - time.monotonic()))
     assert cache.read("short") == "v2"  # expired: read from the store again
     assert cache.read("long") == "v1"  # the cache's ttl_s (an hour) has not passed
     assert cache.metrics()["total"]["expired"] == 1
@@ -118,12 +121,14 @@ def test_the_cache_expires_what_a_redis_store_expires(make_cache):
     require_service("Redis", "127.0.0.1", 6379)
     url = os.environ.get("PERSISTROIDS_REDIS_URL", "redis://127.0.0.1:6379/0")
     prefix = f"ttl-{uuid.uuid4().hex[:8]}:"
-    cache = make_cache([RedisConnector(url, prefix=prefix, ttl_s=0.5)], num_shards=1,
+    cache = make_cache([RedisConnector(url, prefix=prefix, ttl_s=2)], num_shards=1,
                        init_fn=lambda a: "expired")
+    written = time.monotonic()  # 2 s, so a slow machine still reads "v" before it expires
     cache.write("k", "v", wait=True)
     cache.flush_now()
     assert cache.read("k") == "v"
-    time.sleep(0.8)  # Redis dropped the key; the cache must not serve it forever
+    # Redis dropped the key; the cache must not serve it forever
+    time.sleep(max(0.0, written + 2.3 - time.monotonic()))
     assert cache.read("k") == "expired"
     assert cache.metrics()["shards"][0]["expired"] >= 1
 
