@@ -25,6 +25,7 @@ from .errors import (
 )
 from .journal import REQUEST, SESSIONS, Journal
 from .protocol import Op, array_header
+from .replica import MirrorLink
 from .session import Sessions
 from .shard import ShardCore
 from .transport import Packed, ShardServer
@@ -63,14 +64,18 @@ class ShardHost:
         self.index = index
         options = dict(options)
         journal_dir = options.pop("journal", None)
+        # A promoted backup journals in its own folder (its copy of the primary's journal).
+        journal_path = options.pop("journal_path", None)
+        if journal_dir and not journal_path:
+            journal_path = os.path.join(journal_dir, f"shard{index}")
         fsync = options.pop("fsync", "interval")
+        self.secret = secret
         self.backpressure_timeout_s = float(options.pop("backpressure_timeout_s", 30.0))
         # allow_pickle=False: no pickled update function or checkpoint state is unpickled;
         # updates run only the functions registered here by name (sent through Ray).
         self.allow_pickle = bool(options.pop("allow_pickle", True))
         self.functions: dict[str, Any] = dict(options.pop("functions", None) or {})
-        self.journal = (Journal(os.path.join(journal_dir, f"shard{index}"), fsync)
-                        if journal_dir else None)
+        self.journal = Journal(journal_path, fsync) if journal_path else None
         # background: the core's own store thread makes every connector call and its flusher
         # thread flushes, so no store I/O runs under the lock the handlers below take.
         self.core = ShardCore(connectors, index=index, journal=self.journal, background=True,
@@ -133,7 +138,14 @@ class ShardHost:
                                   tcp_host=tcp_host,
                                   before_reply=self.journal.commit if self.journal else None,
                                   sessions=self.sessions)
+        self.backup: dict[str, Any] | None = None  # the backup's address, while it has one
+        self.backup_transport = ""
+        self._before_serving()
         self._address = self.server.start()
+
+    def _before_serving(self) -> None:
+        """Runs once the journal is replayed, before the first client is served (a
+        restarted primary takes its backup back here, so nothing is acknowledged alone)."""
 
     def _unwrapped(self, records: Any) -> Any:
         """The journal's records, the session ones taken in (a request's own records are
@@ -365,6 +377,31 @@ class ShardHost:
     def address(self) -> dict[str, Any]:
         return self._address
 
+    def attach_backup(self, address: dict[str, Any], node_id: str | None = None,
+                      timeout_s: float = 10.0) -> str:
+        """Mirror this shard's journal to the backup at ``address`` (a ``replica.Backup``):
+        send it everything on disk now, then every write before it is acknowledged. Returns
+        the link's transport. ``node_id``: this shard's Ray node (Unix socket if the backup
+        shares it). A backup that stays silent ``timeout_s`` counts as lost."""
+        if self.journal is None:
+            raise ValueError(f"shard {self.index} has no journal to mirror (replicas need one)")
+        link = MirrorLink(address, self.secret, node_id=node_id, timeout_s=timeout_s)
+        self.journal.on_mirror_lost = self._mirror_lost
+        try:
+            self.journal.attach_mirror(link)
+        except BaseException:
+            link.close()
+            raise
+        self.backup, self.backup_transport = address, link.transport
+        return link.transport
+
+    def _mirror_lost(self, error: BaseException) -> None:
+        """The backup stopped answering. Here (no Ray): go on without one. The Ray actor
+        asks the coordinator, which may say this shard was deposed (its backup promoted)."""
+        log.warning("shard %d: its backup stopped answering (%s); going on without one",
+                    self.index, error)
+        self.backup = None
+
     def flush(self) -> int:
         """Flush this shard; return the number of distinct keys flushed."""
         return self.core.flush_count()
@@ -384,6 +421,10 @@ class ShardHost:
         if self.journal is not None:
             m["journal_bytes"] = self.journal.bytes
             m["journal_path"] = self.journal.directory
+        m["role"] = "primary"
+        m["backed_up"] = self.backup is not None and self.journal is not None \
+            and self.journal.mirror is not None
+        m["backup_transport"] = self.backup_transport if m["backed_up"] else None
         return m
 
     def flush_within(self, timeout_s: float) -> int:

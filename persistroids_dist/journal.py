@@ -24,6 +24,8 @@ from typing import Any
 
 import msgpack
 
+from . import protocol
+
 __all__ = ["FSYNC_MODES", "Journal"]
 
 log = logging.getLogger("persistroids_dist.journal")
@@ -44,6 +46,7 @@ UNDEAD = 3  # [UNDEAD, connector id, kb, pickled payload (retried) | None (disca
 # then resent), and the session table, said again at the start of every new segment.
 REQUEST = 4  # [REQUEST, session id, seq, answer frame, [record, ...]]
 SESSIONS = 5  # [SESSIONS, [[session id, last seq, answer frame, [[seq, error frame]...]]...]]
+
 
 
 class Journal:
@@ -80,6 +83,15 @@ class Journal:
         if fsync == "interval":
             threading.Thread(target=self._sync_loop, args=(interval_s,), daemon=True,
                              name="persistroids-journal-fsync").start()
+        # A backup on another node (``replica.MirrorLink``): every byte written to a segment
+        # is sent to it, and ``commit`` waits for its acknowledgement. ``on_mirror_lost`` is
+        # told when it stops answering: it returns to go on without one, or raises (this
+        # shard was deposed) and the commit raises with it.
+        self.mirror: Any = None
+        self._ticket = 0  # the mirror's ticket of the last frame sent
+        self.on_mirror_lost: Callable[[BaseException], None] | None = None
+        self._mirror_lock = threading.Lock()
+        self._deposed: BaseException | None = None
 
     # -- files ----------------------------------------------------------------------------
     def _path(self, seg: int) -> str:
@@ -163,6 +175,55 @@ class Journal:
             if self.fsync == "always":
                 os.fsync(self._fd)
                 self._unsynced = False
+            mirror, ticket = self.mirror, self._ticket
+        if self._deposed is not None:
+            raise self._deposed
+        if mirror is not None:
+            # Outside the lock: appends go on while the backup answers, and one wait covers
+            # every commit that queued behind it.
+            try:
+                mirror.wait(ticket)
+            except ConnectionError as e:
+                self._mirror_lost(mirror, e)
+
+    def _mirror_lost(self, mirror: Any, error: BaseException) -> None:
+        """``mirror`` stopped answering: ask ``on_mirror_lost`` once (other commits waiting
+        on the same link get its verdict), then go on without it, or raise."""
+        with self._mirror_lock:
+            if self.mirror is mirror:
+                try:
+                    if self.on_mirror_lost is not None:
+                        self.on_mirror_lost(error)
+                except BaseException as e:
+                    self._deposed = e
+                with self._lock:
+                    if self.mirror is mirror:
+                        self.mirror = None
+                mirror.close()
+        if self._deposed is not None:
+            raise self._deposed
+
+    def attach_mirror(self, mirror: Any) -> None:
+        """Make ``mirror`` this journal's backup: send it every segment on disk (after a
+        reset), then every byte written from now on; return once it has them all."""
+        with self._lock:
+            self._write_buffer()
+            ticket = mirror.send(protocol.MIRROR_RESET)
+            for seg in self._segments():
+                with open(self._path(seg), "rb") as f:
+                    data = f.read()
+                if data or seg == self._seg:
+                    ticket = mirror.send(protocol.mirror_append(seg, data))
+            old, self.mirror, self._ticket = self.mirror, mirror, ticket
+        if old is not None:
+            old.close()
+        mirror.wait(ticket)
+
+    def detach_mirror(self) -> None:
+        with self._lock:
+            old, self.mirror = self.mirror, None
+        if old is not None:
+            old.close()
 
     def _write_buffer(self) -> None:
         if self._buf and not self._closed:
@@ -173,6 +234,8 @@ class Journal:
             while done < len(data):  # a short write (rare for regular files)
                 done += os.write(self._fd, data[done:])
             self._unsynced = True
+            if self.mirror is not None:
+                self._ticket = self.mirror.send(protocol.mirror_append(self._seg, data))
 
     def _sync_loop(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
@@ -226,6 +289,9 @@ class Journal:
         if upto <= self._released:
             return
         self._released = upto
+        with self._lock:
+            if self.mirror is not None:  # the backup drops them too (no need to wait)
+                self._ticket = self.mirror.send(protocol.mirror_release(upto))
         for seg in self._segments():
             if seg > upto:
                 break
@@ -247,6 +313,7 @@ class Journal:
             os.close(self._fd)
             self._closed = True
         self._stop.set()
+        self.detach_mirror()
         if remove:  # the folder is this shard's own: its segments and its restart count
             for name in os.listdir(self.directory):
                 os.unlink(os.path.join(self.directory, name))

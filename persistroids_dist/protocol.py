@@ -47,6 +47,11 @@ class Op:
     # A connection's first request: [session id, first unanswered seq, next seq] -> the last
     # seq the shard applied for that session, or None (see ``session``).
     SESSION = 21
+    # A primary to its backup (see ``replica``): journal bytes for a segment, the segments a
+    # flush released, and "forget everything" (the whole journal follows).
+    MIRROR_APPEND = 22  # [seg, bytes] -> None
+    MIRROR_RELEASE = 23  # [upto] -> None
+    MIRROR_RESET = 24  # [] -> None
 
 
 #: The requests that change a shard's state and are numbered per session (implicitly: both
@@ -138,3 +143,14 @@ def session(sid: bytes, first: int, next_seq: int) -> bytes:
     to ``next_seq - 1`` follow as resends (their answers never came); numbering of new
     requests goes on from ``next_seq``."""
     return _packb([Op.SESSION, sid, first, next_seq])
+
+
+def mirror_append(seg: int, data: bytes) -> bytes:
+    return _packb([Op.MIRROR_APPEND, seg, data])
+
+
+def mirror_release(upto: int) -> bytes:
+    return _packb([Op.MIRROR_RELEASE, upto])
+
+
+MIRROR_RESET = _packb([Op.MIRROR_RESET])
