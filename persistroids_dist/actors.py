@@ -9,12 +9,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
+import threading
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .errors import PicklingRefusedError, ShardUnavailableError, ShutdownError
 from .host import ShardHost, _unpickle_checkpoint
+from .replica import Backup, ReplicaDeposedError
+from .spec import NAMESPACE, coordinator_name
 
 __all__ = ["Coordinator", "ShardActor", "wait_ready"]
 
@@ -25,10 +30,13 @@ _SWITCH_INTERVAL_S = 0.0005  # see _ActorShardHost.__init__
 
 class _ActorShardHost(ShardHost):
     """A ShardHost that knows it runs in a Ray actor: its node, and how often Ray restarted
-    it (counted in its journal folder, which survives the restarts)."""
+    it (counted in its journal folder, which survives the restarts).
+
+    With ``role="backup"`` it starts as a backup of shard ``index`` (a ``replica.Backup``:
+    a copy of the primary's journal on this node) until the coordinator ``promote``s it."""
 
     def __init__(self, index: int, connectors: list[Any], options: dict[str, Any],
-                 secret: bytes) -> None:
+                 secret: bytes, role: str = "primary") -> None:
         # This process is the shard's alone. While its store thread runs Python (a flush
         # formats ~100k rows for the store), a socket thread that wants the GIL back to
         # answer a read waits up to the switch interval for it, at each hand-off: 5 ms by
@@ -37,17 +45,118 @@ class _ActorShardHost(ShardHost):
         sys.setswitchinterval(_SWITCH_INTERVAL_S)
         ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()
+        self.actor_id = ctx.get_actor_id()
         self.restarts = 0
         options = dict(options)
+        self._cache_name = options.pop("cache_name", None)
+        self._replicated = bool(options.pop("replicas", 0))
         # Clients on this node use the Unix socket; clients on other nodes need TCP, on the
         # address Ray knows this node by (``listen_tcp=False``: this node only).
         tcp_host = ray.util.get_node_ip_address() if options.pop("listen_tcp", True) else None
+        self._reconstructed = ctx.was_current_actor_reconstructed
+        if self._reconstructed and self._replicated:
+            # Ray restarted this process: the coordinator says what it is now (a backup
+            # may have been promoted meanwhile, a primary deposed).
+            role = self._ask("role_of", index, self.actor_id)
+            if role == "retired":
+                raise ReplicaDeposedError(f"shard {index}: this replica was replaced while "
+                                          "it was down; it does not serve again")
+        self.role = role
+        self._args = (index, connectors, options, secret, tcp_host)
+        if role == "backup":
+            self.index = index
+            self._backup_dir = os.path.join(options["journal"],
+                                            f"shard{index}.backup-{self.actor_id[:12]}")
+            self._sock_dir = tempfile.mkdtemp(prefix="persistroids-")
+            self._backup: Backup | None = Backup(
+                index, self._backup_dir, options.get("fsync", "interval"), secret,
+                unix_path=os.path.join(self._sock_dir, f"backup{index}.sock"),
+                tcp_host=tcp_host)
+            self._backup.address["node_id"] = self.node_id
+            if self._reconstructed:  # its copy is stale: the primary sends it all again
+                self._backup.files.reset()
+            return
+        self._serve(options)
+
+    def _serve(self, options: dict[str, Any]) -> None:
+        index, connectors, _, secret, tcp_host = self._args
         super().__init__(index, connectors, options, secret, tcp_host=tcp_host)
         self._address["node_id"] = self.node_id
-        if ctx.was_current_actor_reconstructed:
+        if self._reconstructed:
             self.restarts = self._count_restart()
             log.warning("shard %d: restarted by Ray (restart %d) on node %s", self.index,
                         self.restarts, self.node_id[:12])
+
+    def _ask(self, method: str, *args: Any) -> Any:
+        """Call the coordinator of this shard's cache (found by name)."""
+        coordinator = ray.get_actor(coordinator_name(self._cache_name), namespace=NAMESPACE)
+        return ray.get(getattr(coordinator, method).remote(*args), timeout=60)
+
+    def _before_serving(self) -> None:
+        # A restarted primary takes its backup back before it acknowledges anything: the
+        # backup's copy is older than the journal just replayed, so it is sent whole.
+        if self._replicated and self._reconstructed:
+            address = self._ask("backup_of", self.index)
+            if address is not None:
+                self.attach_backup(address, self.node_id)
+
+    def _mirror_lost(self, error: BaseException) -> None:
+        """The backup stopped answering: the coordinator decides. If it already promoted
+        the backup (it took this shard's node for dead), this shard must not acknowledge
+        anything more; otherwise it goes on alone until the coordinator gives it a new
+        backup. If the coordinator cannot be asked, the shard refuses too: going on alone
+        might be going on beside a promoted backup."""
+        try:
+            alone = self._ask("backup_lost", self.index, self.actor_id)
+        except Exception as e:
+            raise ReplicaDeposedError(f"shard {self.index}: its backup stopped answering "
+                                      f"and the coordinator could not be asked ({e})") from e
+        if not alone:
+            self._retire_server()
+            raise ReplicaDeposedError(f"shard {self.index}: deposed (its backup was "
+                                      "promoted); clients move to the new primary")
+        super()._mirror_lost(error)
+
+    def _retire_server(self) -> None:
+        self.role = "retired"
+        self.server.close()
+
+    def promote(self) -> dict[str, Any]:
+        """Become the primary: stop mirroring, replay the copy of the journal (writes,
+        dead letters, sessions) and serve. Returns the new address."""
+        if self.role == "primary":
+            return self._address
+        if self.role != "backup" or self._backup is None:
+            raise ReplicaDeposedError(f"shard {self.index}: a {self.role} replica cannot be "
+                                      "promoted")
+        self._backup.stop()
+        self._backup = None
+        options = {**self._args[2], "journal_path": self._backup_dir}
+        self.role = "primary"
+        self._serve(options)
+        log.warning("shard %d: promoted on node %s (replayed %d write(s) from the backup)",
+                    self.index, self.node_id[:12], self.core.c["replayed"])
+        return self._address
+
+    def mirror_address(self) -> dict[str, Any]:
+        """Where a backup listens for its primary."""
+        if self._backup is None:
+            raise ReplicaDeposedError(f"shard {self.index}: not a backup ({self.role})")
+        return self._backup.address
+
+    def retire(self, remove: bool = False) -> None:
+        """Stop serving for good (a backup replaced, or the cache shut down); ``remove``
+        deletes a backup's copy of the journal (everything in it is stored)."""
+        if self.role == "backup" and self._backup is not None:
+            self._backup.stop(remove=remove)
+        elif self.role == "primary":
+            self._retire_server()
+        self.role = "retired"
+
+    def address(self) -> dict[str, Any]:
+        if self.role != "primary":
+            raise ShardUnavailableError(f"shard {self.index}: this replica is a {self.role}")
+        return self._address
 
     def _count_restart(self) -> int:
         if self.journal is None:
@@ -63,10 +172,13 @@ class _ActorShardHost(ShardHost):
         return n
 
     def metrics(self) -> dict[str, Any]:
-        m = super().metrics()
+        if self.role == "backup" and self._backup is not None:
+            m = self._backup.metrics()
+        else:
+            m = super().metrics()
+            m["tcp"] = self._address.get("tcp")
+            m["restarts"] = self.restarts
         m["node_id"] = self.node_id
-        m["restarts"] = self.restarts
-        m["tcp"] = self._address.get("tcp")
         return m
 
 
@@ -75,13 +187,181 @@ ShardActor = ray.remote(_ActorShardHost)
 
 @ray.remote
 class Coordinator:
-    """Knows the shards of one cache; runs synchronized flushes and serves the handle spec."""
+    """Knows the shards of one cache; runs synchronized flushes and serves the handle spec.
+
+    With replicas (``replication`` given), it is also the one place that decides who serves
+    a shard: it gives each primary a backup on another node, promotes the backup when the
+    primary's node is dead (as Ray reports it), and answers a primary whose backup stopped
+    answering whether it may go on alone. Deciding both in one place is what keeps a
+    deposed primary and a promoted backup from acknowledging writes side by side. Runs
+    threaded (``max_concurrency``), with a monitor thread that does the promoting and the
+    re-backing-up without waiting for a client to ask."""
 
     def __init__(self, spec: dict[str, Any], shards: list[Any],
-                 checkpoint_handler: Any = None) -> None:
+                 checkpoint_handler: Any = None,
+                 replication: dict[str, Any] | None = None) -> None:
         self._spec = spec
-        self._shards = shards
+        self._shards = list(shards)
         self._handler = checkpoint_handler
+        self._replication = replication
+        n = len(self._shards)
+        self._lock = threading.RLock()
+        self._primary_nodes: list[str | None] = [a.get("node_id") for a in spec.addresses]
+        self._backups: list[Any] = [None] * n
+        self._backup_nodes: list[str | None] = [None] * n
+        self._retired: set[str] = set()  # actor ids of replicas that must not serve again
+        self.failovers = 0
+        self._made = 0
+        self._stop = threading.Event()
+        if replication:
+            threading.Thread(target=self._monitor, daemon=True,
+                             name="persistroids-replicas").start()
+
+    # -- replicas -------------------------------------------------------------------------
+    @staticmethod
+    def _id(actor: Any) -> str:
+        return actor._actor_id.hex()
+
+    @staticmethod
+    def _alive_nodes() -> list[str]:
+        return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+
+    def _monitor(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self.heal()
+            except Exception as e:  # keep watching; the next round tries again
+                log.warning("replica monitor: %s: %s", type(e).__name__, e)
+
+    def heal(self) -> dict[str, Any]:
+        """Promote the backup of every primary whose node is dead, drop backups whose node
+        is dead, and give every primary without a backup a new one on another alive node.
+        Returns ``replicas()``."""
+        if not self._replication:
+            return self.replicas()
+        with self._lock:
+            alive = set(self._alive_nodes())
+            for i in range(len(self._shards)):
+                if self._backups[i] is not None and self._backup_nodes[i] not in alive:
+                    self._drop_backup(i)
+                if self._primary_nodes[i] not in alive and self._backups[i] is not None:
+                    self._promote(i)
+            for i in range(len(self._shards)):
+                if self._backups[i] is None and self._primary_nodes[i] in alive:
+                    self._add_backup(i, alive)
+        return self.replicas()
+
+    def _drop_backup(self, i: int) -> None:
+        backup, self._backups[i], self._backup_nodes[i] = self._backups[i], None, None
+        if backup is not None:
+            self._retired.add(self._id(backup))
+            try:
+                ray.kill(backup, no_restart=True)
+            except Exception:
+                pass
+
+    def _promote(self, i: int) -> None:
+        old, backup = self._shards[i], self._backups[i]
+        self._retired.add(self._id(old))
+        address = ray.get(backup.promote.remote(), timeout=300)  # it replays its copy
+        self._shards[i] = backup
+        self._primary_nodes[i] = self._backup_nodes[i]
+        self._backups[i] = self._backup_nodes[i] = None
+        addresses = list(self._spec.addresses)
+        addresses[i] = address
+        self._spec = self._spec.replace(shards=list(self._shards), addresses=addresses)
+        self.failovers += 1
+        log.warning("shard %d: its node %s is dead; its backup on %s is the primary now", i,
+                    str(old)[:40], self._primary_nodes[i])
+        try:
+            ray.kill(old, no_restart=True)  # never to come back beside the new primary
+        except Exception:
+            pass
+
+    def _add_backup(self, i: int, alive: set[str]) -> None:
+        """Start a backup of shard ``i`` on the alive node (not the primary's, unless the
+        cache is packed on purpose) holding the fewest replicas, and attach it."""
+        rep = self._replication
+        assert rep is not None
+        load = {node: 0 for node in alive}
+        for node in [*self._primary_nodes, *self._backup_nodes]:
+            if node in load:
+                load[node] += 1
+        candidates = sorted((n for n in alive if n != self._primary_nodes[i]),
+                            key=lambda n: (load[n], n))
+        if not candidates:
+            if not rep.get("same_node"):
+                return  # one node left: no backup until another joins
+            candidates = [self._primary_nodes[i]]
+        node = candidates[0]
+        self._made += 1
+        opts = {**rep["actor_options"],
+                "name": f"{coordinator_name(self._spec.name)}:shard{i}:backup{self._made}",
+                "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+        backup = ShardActor.options(**opts).remote(i, rep["connectors"], rep["options"],
+                                                  rep["secret"], "backup")
+        try:
+            address = ray.get(backup.mirror_address.remote(), timeout=120)
+            ray.get(self._shards[i].attach_backup.remote(address, self._primary_nodes[i]),
+                    timeout=120)
+        except Exception:
+            ray.kill(backup, no_restart=True)
+            raise
+        self._backups[i], self._backup_nodes[i] = backup, node
+
+    def route(self, i: int) -> Any:
+        """The actor serving shard ``i`` now (promoting its backup first if the primary's
+        node is dead): a client that lost its connection asks here."""
+        if self._replication:
+            with self._lock:
+                if self._backups[i] is not None and \
+                        self._primary_nodes[i] not in set(self._alive_nodes()):
+                    self._promote(i)
+        return self._shards[i]
+
+    def role_of(self, i: int, actor_id: str) -> str:
+        """What a replica restarted by Ray is now: "primary", "backup" or "retired"."""
+        if actor_id in self._retired:
+            return "retired"
+        if self._id(self._shards[i]) == actor_id:
+            return "primary"
+        backup = self._backups[i]
+        return "backup" if backup is not None and self._id(backup) == actor_id else "retired"
+
+    def backup_of(self, i: int) -> dict[str, Any] | None:
+        """Where shard ``i``'s backup listens (for a primary Ray restarted), or None."""
+        backup = self._backups[i]
+        if backup is None:
+            return None
+        try:
+            return ray.get(backup.mirror_address.remote(), timeout=30)
+        except Exception:
+            return None
+
+    def backup_lost(self, i: int, actor_id: str) -> bool:
+        """A primary's backup stopped answering. True: go on alone (a new backup follows);
+        False: the asker is not the primary any more (deposed) and must stop."""
+        with self._lock:
+            if self._id(self._shards[i]) != actor_id:
+                return False
+            self._drop_backup(i)
+            return True
+
+    def replicas(self, detail: bool = False) -> list[dict[str, Any]]:
+        """Per shard: the primary's node, the backup's node (None: none now), and with
+        ``detail`` each one's actor id and process id (None if it does not answer)."""
+        out = [{"shard": i, "primary_node": self._primary_nodes[i],
+                "backup_node": self._backup_nodes[i], "failovers": self.failovers}
+               for i in range(len(self._shards))]
+        if detail:
+            for r, primary, backup in zip(out, self._shards, self._backups, strict=True):
+                for role, actor in (("primary", primary), ("backup", backup)):
+                    r[f"{role}_id"] = self._id(actor) if actor is not None else None
+                    try:
+                        r[f"{role}_pid"] = ray.get(actor.metrics.remote(), timeout=10)["pid"]
+                    except Exception:
+                        r[f"{role}_pid"] = None
+        return out
 
     def spec(self) -> dict[str, Any]:
         return self._spec
@@ -144,11 +424,21 @@ class Coordinator:
             _, errors = self._each("flush_within", timeout_s)
         if errors:
             raise ShutdownError(errors)
-        out, errors = self._each("close" if timeout_s is None else "finish", disconnect)
-        if errors:  # a store failed between the phases: those shards still serve
-            raise ShutdownError(errors)
-        for s in self._shards:
-            ray.kill(s)
+        with self._lock:  # no promotion or new backup while the shards close
+            out, errors = self._each("close" if timeout_s is None else "finish", disconnect)
+            if errors:  # a store failed between the phases: those shards still serve
+                raise ShutdownError(errors)
+            self._stop.set()
+            backups = [b for b in self._backups if b is not None]
+            # Everything the backups hold is stored now (or, after a deadline, still in
+            # the primaries' journals): their copies go.
+            for ref in [b.retire.remote(True) for b in backups]:
+                try:
+                    ray.get(ref, timeout=30)
+                except Exception:
+                    pass
+            for s in [*self._shards, *backups]:
+                ray.kill(s)
         return out
 
 

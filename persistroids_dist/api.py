@@ -78,6 +78,7 @@ def init(
     functions: dict[str, Callable[[Any], Any]] | None = None,
     placement: str | dict[str, Any] | None = None,
     tcp: bool = True,
+    replicas: int = 0,
 ) -> Cache:
     """Start a cache of ``num_shards`` shard actors and return its handle.
 
@@ -126,6 +127,13 @@ def init(
     its Unix socket and the others over TCP (``metrics()`` tells each shard's ``node_id``).
     ``tcp``: shards also listen on TCP on their node's address (authenticated, not yet
     encrypted); False keeps them to their Unix socket, for clients on their node only.
+    ``replicas=1``: every shard keeps a backup on another node: each journal write reaches
+    the backup before the write is acknowledged, and when a primary's node dies its backup
+    takes over (Ray must first report the node dead, which takes it some seconds: calls to
+    that shard wait, up to ``shard_wait_s``); the coordinator then places a new backup. Needs
+    the journal, and a second node (or ``placement="pack"``: backups beside their primary,
+    which survives a lost process, not a lost node). ``replicas=0`` (default): a node's loss
+    loses its shards' unflushed writes (their journal was on its disk).
     ``address``: the Ray cluster to use if Ray is not initialized (see ``ensure_ray``):
     by default RAY_ADDRESS, else the running ``ray start`` cluster, else a small local one;
     ``"local"`` always starts a private one.
@@ -186,6 +194,14 @@ def init(
     control.check_placement(placement)
     if not isinstance(tcp, bool):
         raise TypeError(f"tcp must be True or False, got {tcp!r}")
+    if isinstance(replicas, bool) or replicas not in (0, 1):
+        raise ValueError(f"replicas must be 0 or 1 (one backup per shard), got {replicas!r}")
+    if replicas and journal is False:
+        raise ValueError("replicas=1 needs the journal (a backup is a copy of it): drop "
+                         "journal=False")
+    if replicas and not tcp and placement != "pack":
+        raise ValueError("replicas=1 with tcp=False: a backup on another node is reached "
+                         "over TCP; keep tcp=True or use placement='pack'")
     if get_if_exists and name is None:
         raise ValueError("get_if_exists=True needs a name: only a named cache can be found")
 
@@ -210,7 +226,7 @@ def init(
     return Cache(control.start_cache(
         name, num_shards, connectors, options, cache_key=cache_key,
         checkpoint_handler=checkpoint_handler, detached=detached, shard_options=shard_options,
-        shard_wait_s=float(shard_wait_s), placement=placement))
+        shard_wait_s=float(shard_wait_s), placement=placement, replicas=replicas))
 
 
 def journal_directory(journal: str | os.PathLike[str] | bool, name: str) -> str | None:

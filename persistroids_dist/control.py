@@ -19,13 +19,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .actors import Coordinator, ShardActor, wait_ready
 from .errors import CacheClosedError, RemoteError, ShardUnavailableError
-from .spec import CacheSpec
+from .spec import NAMESPACE, CacheSpec, coordinator_name
 
 __all__ = ["NAMESPACE", "ensure_ray", "find_coordinator", "flush_all", "get",
            "resolve_address", "shutdown_cache", "spec_of", "start_cache", "why_gone"]
 
-#: Ray namespace of every cache's actors, so other drivers can find them by name.
-NAMESPACE = "persistroids"
 
 
 #: Why a non-detached cache is gone when Ray says its actors' owner died.
@@ -116,7 +114,7 @@ def ensure_ray(address: str | None = None, **kwargs: Any) -> None:
 
 
 def _actor_name(name: str) -> str:
-    return f"cache:{name}"
+    return coordinator_name(name)
 
 
 def why_gone(name: str) -> str:
@@ -245,9 +243,10 @@ def placement_options(placement: Any, num_shards: int) -> list[dict[str, Any]]:
 def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict[str, Any],
                 *, cache_key: Any, checkpoint_handler: Any, detached: bool,
                 shard_options: dict[str, Any] | None, shard_wait_s: float = 30.0,
-                placement: Any = None) -> CacheSpec:
-    """Start the shard actors and the coordinator of a new cache; its spec. On any failure
-    every actor started here is removed again."""
+                placement: Any = None, replicas: int = 0) -> CacheSpec:
+    """Start the shard actors and the coordinator of a new cache; its spec. With
+    ``replicas=1`` the coordinator then gives every shard a backup on another node before
+    this returns. On any failure every actor started here is removed again."""
     secret = os.urandom(32)
     # Shards restart after a crash (their journal brings back what they acknowledged),
     # unless the caller's shard_options say otherwise.
@@ -255,6 +254,8 @@ def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict
     if detached:
         actor_opts["lifetime"] = "detached"
     placed = placement_options(placement, num_shards)
+    if replicas:
+        options = {**options, "replicas": replicas, "cache_name": name}
     shards: list[Any] = []
     coordinator = None
     try:
@@ -266,17 +267,37 @@ def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict
         spec = CacheSpec(name=name, secret=secret, num_shards=num_shards, shards=shards,
                          addresses=addresses, cache_key=cache_key, detached=detached,
                          allow_pickle=options.get("allow_pickle", True),
-                         shard_wait_s=shard_wait_s,
+                         shard_wait_s=shard_wait_s, replicas=replicas,
                          functions=dict(options.get("functions") or {}))
-        # The coordinator prefers the caller's node (soft: elsewhere if that one is full or
-        # gone): the driver that runs flushes and checkpoints talks to it most.
+        # The coordinator runs on the caller's node: the driver that runs flushes and
+        # checkpoints talks to it most, and it must not share the fate of a shard's node
+        # (with replicas it is what promotes the backups). Pinned: a soft affinity let Ray
+        # put it on another node of a simulated cluster.
         coord_opts = {"num_cpus": 0, "namespace": NAMESPACE, "name": _actor_name(name),
                       "scheduling_strategy": NodeAffinitySchedulingStrategy(
-                          ray.get_runtime_context().get_node_id(), soft=True)}
+                          ray.get_runtime_context().get_node_id(), soft=False)}
         if detached:
             coord_opts["lifetime"] = "detached"
-        coordinator = Coordinator.options(**coord_opts).remote(spec, shards, checkpoint_handler)
+        replication = None
+        if replicas:
+            # Threaded: a primary asking about its lost backup must get an answer while
+            # the coordinator waits on another shard.
+            coord_opts["max_concurrency"] = 16
+            replication = {"connectors": connectors, "options": options, "secret": secret,
+                           "actor_options": {**actor_opts, **(shard_options or {})},
+                           "same_node": placement == "pack"}
+        coordinator = Coordinator.options(**coord_opts).remote(spec, shards, checkpoint_handler,
+                                                               replication)
         get(coordinator.spec.remote())  # fail here, not later, if it cannot start
+        if replicas:
+            missing = [r["shard"] for r in get(coordinator.heal.remote())
+                       if r["backup_node"] is None]
+            if missing:
+                raise ValueError(
+                    f"replicas=1: no backup could be placed for shard(s) {missing}: a backup "
+                    f"needs another alive node than its primary's ({len(ray.nodes())} node(s) "
+                    "known); pass placement='pack' to keep backups on the same node (they "
+                    "then survive a process, not a node)")
     except BaseException as e:
         for actor in [*shards, coordinator]:
             if actor is not None:
@@ -312,6 +333,8 @@ def resolve_address(spec: CacheSpec, shard: int) -> dict[str, Any]:
     restarts it, wait up to ``spec.shard_wait_s``, then raise ShardUnavailableError."""
     deadline = time.monotonic() + spec.shard_wait_s
     delay = 0.02
+    if spec.replicas and spec.coordinator is not None:
+        return _route(spec, shard, deadline)
     while True:
         try:
             return ray.get(spec.shards[shard].address.remote(),
@@ -336,6 +359,40 @@ def resolve_address(spec: CacheSpec, shard: int) -> dict[str, Any]:
                 why = f"{type(e).__name__}; was the cache shut down?"
             raise CacheClosedError(
                 f"cache {spec.name!r}: shard {shard} is gone ({why})") from None
+
+
+def _route(spec: CacheSpec, shard: int, deadline: float) -> dict[str, Any]:
+    """``resolve_address`` with replicas: the coordinator says which actor serves ``shard``
+    now (it promotes the backup once Ray reports the primary's node dead, which can take
+    Ray some seconds), and that actor where it listens. Retried until ``deadline``."""
+    delay = 0.05
+    last: BaseException | None = None
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            actor = ray.get(spec.coordinator.route.remote(shard), timeout=max(0.1, left))
+        except ray.exceptions.RayActorError as e:
+            raise CacheClosedError(f"cache {spec.name!r}: its coordinator is gone "
+                                   f"({_first_line(e)})") from None
+        except ray.exceptions.GetTimeoutError as e:
+            actor, last = None, e
+        if actor is not None:
+            try:
+                return ray.get(actor.address.remote(), timeout=max(0.1, min(2.0, left)))
+            except ray.exceptions.RayTaskError as e:
+                if not isinstance(e.cause, ShardUnavailableError):
+                    raise
+                last = e  # a backup, not promoted yet
+            except ray.exceptions.RayError as e:
+                # The old primary: dead, unschedulable (its node is gone), restarting or
+                # silent. The coordinator promotes its backup once Ray says the node died.
+                last = e
+        if time.monotonic() + delay > deadline:
+            raise ShardUnavailableError(
+                f"cache {spec.name!r}: shard {shard} did not come back within "
+                f"{spec.shard_wait_s:g} s (last: {_first_line(last)})") from None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
 
 
 def flush_all(spec: CacheSpec, checkpoint_blob: bytes | None) -> Any:

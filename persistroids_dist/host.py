@@ -83,6 +83,7 @@ class ShardHost:
         # Numbered requests of client sessions: a request resent after a reconnect (this
         # shard restarted, say) is applied once. Under the core's lock, as the journal is.
         self.sessions = Sessions(self.core._lock, self.journal, index)
+        self.sessions.on_resent = self._learn_function
         if self.journal is not None:
             # A restarted shard first applies what its previous run acknowledged and no
             # flush stored (and learns which requests those were); only then does it serve.
@@ -360,6 +361,14 @@ class ShardHost:
         with self._lease_cond:
             self._admit(kb)
             return self.core.update(kb, ab, fn, guard=self._guard((kb,)))
+
+    def _learn_function(self, req: list[Any]) -> None:
+        """A resent UPDATE answered from the session table still registers the function it
+        carries: its client takes this process to know it from now on (a new process, after
+        a restart or a failover, knows none)."""
+        if req[0] == Op.UPDATE and len(req) > 4 and req[4] is not None and self.allow_pickle \
+                and self.core.function(req[3]) is None:
+            self.core.register_function(req[3], cloudpickle.loads(req[4]))
 
     def _update_named(self, kb: bytes, ab: bytes | None, name: str) -> bytes:
         """``_update`` by a function registered at ``init(..., functions=...)``."""

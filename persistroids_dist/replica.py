@@ -152,6 +152,10 @@ class MirrorFiles:
         self._stop.set()
         if remove:
             shutil.rmtree(self.directory, ignore_errors=True)
+            try:  # the cache's folder goes with the last of its shards' folders
+                os.rmdir(os.path.dirname(self.directory))
+            except OSError:
+                pass
 
 
 class Backup:

@@ -98,6 +98,10 @@ class Sessions:
         self._table: OrderedDict[bytes, Session] = OrderedDict()  # least recently used first
         self._table_lock = threading.Lock()
         self.stats = {"sessions_resumed": 0, "resends_answered": 0, "resends_refused": 0}
+        # Told of each resent request answered from the table (not applied again): what it
+        # carries besides its effect must still be taken in (an update's function, which
+        # the client now takes this process to know).
+        self.on_resent: Callable[[Any], None] | None = None
 
     def __len__(self) -> int:
         return len(self._table)
@@ -156,6 +160,8 @@ class Sessions:
         with s.lock:
             if seq <= s.last:  # resent, and applied already
                 self.stats["resends_answered"] += 1
+                if self.on_resent is not None:
+                    self.on_resent(req)
                 if seq == s.last:
                     return s.answer
                 return s.errors.get(seq, _OK_NONE)

@@ -7,7 +7,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CacheSpec"]
+__all__ = ["NAMESPACE", "CacheSpec", "coordinator_name"]
+
+#: Ray namespace of every cache's actors, so other drivers can find them by name.
+NAMESPACE = "persistroids"
+
+
+def coordinator_name(name: str) -> str:
+    """The Ray actor name of cache ``name``'s coordinator (its shards are named after it)."""
+    return f"cache:{name}"
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,7 @@ class CacheSpec:
     detached: bool = False
     shard_wait_s: float = 30.0  # how long a call waits for a restarting shard
     allow_pickle: bool = True
+    replicas: int = 0  # backups per shard (0 or 1); with 1, the coordinator routes
     functions: dict[str, Callable[[Any], Any]] = field(default_factory=dict, repr=False)
 
     @classmethod

@@ -77,3 +77,32 @@ def test_histories_across_nodes_are_linearizable(ray_session):
                                    for n in out["shard_nodes"]]
     assert out["ops"] >= 3 * 600
     assert out["ok"], out["explain"]
+
+
+REPLICA = os.path.join(os.path.dirname(SCENARIO), "replica_scenario.py")
+
+
+def test_with_replicas_a_lost_node_loses_no_acknowledged_write(ray_session):
+    # Writers carry on while a worker node holding a primary is lost (processes SIGKILLed,
+    # its journal folders deleted); then a node is added and the other worker lost, so the
+    # backups can only go to the new node.
+    out = scenario(REPLICA)
+    head, victim, other, added = out["head"], out["victim"], out["other"], out["added"]
+    assert any(r["primary_node"] == victim for r in out["before"])
+    assert all(r["backup_node"] not in (None, r["primary_node"]) for r in out["before"])
+    assert out["gone"]  # the lost nodes' journals really went
+    # Nothing acknowledged is lost, and the writers were not refused anything.
+    assert out["acked_during"] >= 200
+    assert out["lost_count"] == 0, out["lost"]
+    assert out["pipelined"] > 0 and out["pipelined_lost"] == 0
+    assert out["error_count"] == 0, out["errors"]
+    assert out["counters"] == out["counts"] and sum(out["counts"]) > 0
+    # After the first loss: every shard on the two nodes left, each backed up on the other.
+    for r in out["after_loss"]:
+        assert {r["primary_node"], r["backup_node"]} == {head, other}, r
+    # After the second: everything on the head, every backup on the node that was added.
+    assert out["after_add"][0]["failovers"] >= 2
+    for r in out["after_add"]:
+        assert (r["primary_node"], r["backup_node"]) == (head, added), r
+    assert all(m["role"] == "primary" and m["backed_up"] for m in out["shards"])
+    assert sum(m["replayed"] for m in out["shards"]) > 0  # promoted from the backups' copies

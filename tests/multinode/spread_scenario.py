@@ -25,12 +25,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def three_nodes() -> Iterator[tuple[Cluster, list]]:
+def three_nodes(system_config: dict | None = None) -> Iterator[tuple[Cluster, list]]:
     """A head node and two more, one CPU each (Ray's head port 6379 is Redis's here: the GCS
     takes a free one), with this process connected; yields the cluster and its two added
-    nodes, and tears both down at the end."""
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "gcs_server_port": free_port(), "include_dashboard": False})
+    nodes, and tears both down at the end. ``system_config``: Ray's ``_system_config``."""
+    head = {"num_cpus": 1, "gcs_server_port": free_port(), "include_dashboard": False}
+    if system_config:
+        head["_system_config"] = system_config
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
         added = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()

@@ -162,6 +162,22 @@ def test_a_shard_killed_after_applying_replays_the_session_and_answers_the_resen
     assert m["resends_answered"] == 300 and m["replayed"] >= 301
 
 
+def test_a_resend_answered_from_the_table_still_registers_its_function(shard_process):
+    shard = shard_process()
+    conn = Connection(shard.address, SECRET, resolve=lambda: shard.address, wait_s=30)
+    conn.call(protocol.write(KEY, None, encode_value(0)))
+    for i in range(50):
+        conn.send(update_frame(BUMP if i == 0 else None), 1, lambda: update_frame(BUMP))
+    applied_all(shard.address, 50)
+    shard.restart()
+    lose_answers(conn)
+    conn.sync()  # every resend answered from the replayed table, none applied again
+    assert metrics(shard.address)["resends_answered"] == 50
+    # The client now takes the new process to know the function (its resends carried
+    # it), and sends the digest alone: the process must have registered it.
+    assert decode_value(conn.call(update_frame(None))) == 51
+
+
 def test_updates_in_flight_when_the_shard_is_killed_apply_exactly_once(shard_process):
     # Kills land at arbitrary points of a stream: some updates applied and answered, some
     # applied and unanswered, some never read. Every one counts exactly once.
