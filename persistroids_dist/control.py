@@ -266,7 +266,7 @@ def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict
         spec = CacheSpec(name=name, secret=secret, num_shards=num_shards, shards=shards,
                          addresses=addresses, cache_key=cache_key, detached=detached,
                          allow_pickle=options.get("allow_pickle", True),
-                         shard_wait_s=shard_wait_s,
+                         shard_wait_s=shard_wait_s, tls=options.get("tls"),
                          functions=dict(options.get("functions") or {}))
         # The coordinator prefers the caller's node (soft: elsewhere if that one is full or
         # gone): the driver that runs flushes and checkpoints talks to it most.

@@ -59,11 +59,13 @@ class ShardHost:
     def __init__(self, index: int, connectors: list[Any], options: dict[str, Any],
                  secret: bytes, tcp_host: str | None = None) -> None:
         """``options``: ShardCore's, plus ``journal`` (a directory; None: no journal; each
-        shard journals in ``<journal>/shard<index>``) and ``fsync``."""
+        shard journals in ``<journal>/shard<index>``), ``fsync`` and ``tls`` (a
+        ``tls.TLSConfig``: TCP connections over mutual TLS)."""
         self.index = index
         options = dict(options)
         journal_dir = options.pop("journal", None)
         fsync = options.pop("fsync", "interval")
+        tls = options.pop("tls", None)
         self.backpressure_timeout_s = float(options.pop("backpressure_timeout_s", 30.0))
         # allow_pickle=False: no pickled update function or checkpoint state is unpickled;
         # updates run only the functions registered here by name (sent through Ray).
@@ -132,7 +134,7 @@ class ShardHost:
                                   unix_path=os.path.join(self._dir, f"shard{index}.sock"),
                                   tcp_host=tcp_host,
                                   before_reply=self.journal.commit if self.journal else None,
-                                  sessions=self.sessions)
+                                  sessions=self.sessions, tls=tls)
         self._address = self.server.start()
 
     def _unwrapped(self, records: Any) -> Any:
@@ -379,6 +381,8 @@ class ShardHost:
         m["handshake_refused"] = self.server.handshake_refused
         m["connections"] = self.server.connections
         m["connections_tcp"] = self.server.tcp_connections
+        m["tls"] = self.server.tls is not None
+        m["connections_tls"] = self.server.tls_connections
         m["sessions"] = len(self.sessions)
         m.update(self.sessions.stats)
         if self.journal is not None:

@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .tls import TLSConfig
+
 __all__ = ["CacheSpec"]
 
 
@@ -20,6 +22,11 @@ class CacheSpec:
     repr. ``allow_pickle``: whether the shards unpickle ``update`` functions and checkpoint
     states sent to them (else the client refuses them before sending); ``functions``: the
     update functions registered by name at ``init`` (run in-process on a leased key).
+    ``tls``: the TLS files' paths (None: plain TCP), for this handle's TCP connections. Paths,
+    not the files' contents: the private key stays in its file on each node instead of
+    travelling in every pickled handle (through Ray's object store, into task arguments,
+    possibly spilled to disk), Python's ``ssl`` loads a certificate chain only from files
+    anyway, and the shards need the files on every node in any case (as Ray's own TLS does).
     """
 
     name: str
@@ -33,6 +40,7 @@ class CacheSpec:
     shard_wait_s: float = 30.0  # how long a call waits for a restarting shard
     allow_pickle: bool = True
     functions: dict[str, Callable[[Any], Any]] = field(default_factory=dict, repr=False)
+    tls: TLSConfig | None = None
 
     @classmethod
     def of(cls, spec: CacheSpec | Mapping[str, Any]) -> CacheSpec:
