@@ -26,6 +26,7 @@ from .errors import (
     UnacknowledgedWritesError,
     WriteError,
 )
+from .tls import TLSConfig
 
 __all__ = [
     "AuthenticationError",
@@ -44,6 +45,7 @@ __all__ = [
     "ShutdownError",
     "StoreDataError",
     "StoreUnavailableError",
+    "TLSConfig",
     "UnacknowledgedWritesError",
     "WriteError",
     "connect",

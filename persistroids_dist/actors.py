@@ -71,7 +71,7 @@ class _ActorShardHost(ShardHost):
             self._backup: Backup | None = Backup(
                 index, self._backup_dir, options.get("fsync", "interval"), secret,
                 unix_path=os.path.join(self._sock_dir, f"backup{index}.sock"),
-                tcp_host=tcp_host)
+                tcp_host=tcp_host, tls=options.get("tls"))
             self._backup.address["node_id"] = self.node_id
             if self._reconstructed:  # its copy is stale: the primary sends it all again
                 self._backup.files.reset()

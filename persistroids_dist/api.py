@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import control
@@ -14,6 +14,8 @@ from .connector import Connector
 from .control import ensure_ray
 from .errors import CacheNotFoundError
 from .journal import FSYNC_MODES
+from .tls import TLSConfig
+from .tls import resolve as resolve_tls
 
 __all__ = ["connect", "ensure_ray", "init"]
 
@@ -79,6 +81,7 @@ def init(
     placement: str | dict[str, Any] | None = None,
     tcp: bool = True,
     replicas: int = 0,
+    tls: TLSConfig | Mapping[str, Any] | bool | None = None,
 ) -> Cache:
     """Start a cache of ``num_shards`` shard actors and return its handle.
 
@@ -125,8 +128,16 @@ def init(
     that have that custom resource (each shard takes ``amount``). The coordinator prefers the
     node of the process that calls ``init``. Clients reach a shard on their own node over
     its Unix socket and the others over TCP (``metrics()`` tells each shard's ``node_id``).
-    ``tcp``: shards also listen on TCP on their node's address (authenticated, not yet
-    encrypted); False keeps them to their Unix socket, for clients on their node only.
+    ``tcp``: shards also listen on TCP on their node's address (authenticated; encrypted
+    with ``tls``); False keeps them to their Unix socket, for clients on their node only.
+    ``tls``: mutual TLS on those TCP connections (Unix sockets stay plain): a
+    ``TLSConfig(cert_file, key_file, ca_file)`` or a dict of those three paths, which must
+    exist on every node; ``True``: Ray's own TLS files (``RAY_TLS_SERVER_CERT``,
+    ``RAY_TLS_SERVER_KEY``, ``RAY_TLS_CA_CERT``); ``False``: off. The default, None, is
+    Ray's files when Ray's TLS is on in this process (``RAY_USE_TLS=1``), else off. The
+    files are checked here (FileNotFoundError, PermissionError, or ValueError naming the
+    setting and file: not PEM, a key that is not the certificate's, a certificate the CA
+    did not sign). Every handle's TCP connections then use TLS too.
     ``replicas=1``: every shard keeps a backup on another node: each journal write reaches
     the backup before the write is acknowledged, and when a primary's node dies its backup
     takes over (Ray must first report the node dead, which takes it some seconds: calls to
@@ -202,6 +213,9 @@ def init(
     if replicas and not tcp and placement != "pack":
         raise ValueError("replicas=1 with tcp=False: a backup on another node is reached "
                          "over TCP; keep tcp=True or use placement='pack'")
+    if not tcp and tls is not None and tls is not False:
+        raise ValueError("tls applies to TCP connections, and tcp=False turns TCP off")
+    tls_config = resolve_tls(tls) if tcp else None
     if get_if_exists and name is None:
         raise ValueError("get_if_exists=True needs a name: only a named cache can be found")
 
@@ -222,7 +236,8 @@ def init(
                    store_timeout_s=float(store_timeout_s),
                    checkpoint_handler=checkpoint_handler,
                    allow_pickle=allow_pickle, functions=functions,
-                   journal=journal_directory(journal, name), fsync=fsync, listen_tcp=tcp)
+                   journal=journal_directory(journal, name), fsync=fsync, listen_tcp=tcp,
+                   tls=tls_config)
     return Cache(control.start_cache(
         name, num_shards, connectors, options, cache_key=cache_key,
         checkpoint_handler=checkpoint_handler, detached=detached, shard_options=shard_options,

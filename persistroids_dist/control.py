@@ -268,6 +268,7 @@ def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict
                          addresses=addresses, cache_key=cache_key, detached=detached,
                          allow_pickle=options.get("allow_pickle", True),
                          shard_wait_s=shard_wait_s, replicas=replicas,
+                         tls=options.get("tls"),
                          functions=dict(options.get("functions") or {}))
         # The coordinator runs on the caller's node: the driver that runs flushes and
         # checkpoints talks to it most, and it must not share the fate of a shard's node

@@ -60,7 +60,8 @@ class ShardHost:
     def __init__(self, index: int, connectors: list[Any], options: dict[str, Any],
                  secret: bytes, tcp_host: str | None = None) -> None:
         """``options``: ShardCore's, plus ``journal`` (a directory; None: no journal; each
-        shard journals in ``<journal>/shard<index>``) and ``fsync``."""
+        shard journals in ``<journal>/shard<index>``), ``fsync`` and ``tls`` (a
+        ``tls.TLSConfig``: TCP connections over mutual TLS)."""
         self.index = index
         options = dict(options)
         journal_dir = options.pop("journal", None)
@@ -70,6 +71,7 @@ class ShardHost:
             journal_path = os.path.join(journal_dir, f"shard{index}")
         fsync = options.pop("fsync", "interval")
         self.secret = secret
+        self.tls = tls = options.pop("tls", None)
         self.backpressure_timeout_s = float(options.pop("backpressure_timeout_s", 30.0))
         # allow_pickle=False: no pickled update function or checkpoint state is unpickled;
         # updates run only the functions registered here by name (sent through Ray).
@@ -138,7 +140,7 @@ class ShardHost:
                                   unix_path=os.path.join(self._dir, f"shard{index}.sock"),
                                   tcp_host=tcp_host,
                                   before_reply=self.journal.commit if self.journal else None,
-                                  sessions=self.sessions)
+                                  sessions=self.sessions, tls=tls)
         self.backup: dict[str, Any] | None = None  # the backup's address, while it has one
         self.backup_transport = ""
         self._before_serving()
@@ -390,18 +392,21 @@ class ShardHost:
                       timeout_s: float = 10.0) -> str:
         """Mirror this shard's journal to the backup at ``address`` (a ``replica.Backup``):
         send it everything on disk now, then every write before it is acknowledged. Returns
-        the link's transport. ``node_id``: this shard's Ray node (Unix socket if the backup
+        the link's transport, "unix" or "tcp" (``metrics()["backup_transport"]`` says
+        "tcp+tls" over TLS). ``node_id``: this shard's Ray node (Unix socket if the backup
         shares it). A backup that stays silent ``timeout_s`` counts as lost."""
         if self.journal is None:
             raise ValueError(f"shard {self.index} has no journal to mirror (replicas need one)")
-        link = MirrorLink(address, self.secret, node_id=node_id, timeout_s=timeout_s)
+        link = MirrorLink(address, self.secret, node_id=node_id, timeout_s=timeout_s,
+                          tls=self.tls)
         self.journal.on_mirror_lost = self._mirror_lost
         try:
             self.journal.attach_mirror(link)
         except BaseException:
             link.close()
             raise
-        self.backup, self.backup_transport = address, link.transport
+        self.backup, self.backup_transport = address, link.transport + ("+tls" if link.tls
+                                                                         else "")
         return link.transport
 
     def _mirror_lost(self, error: BaseException) -> None:
@@ -425,6 +430,8 @@ class ShardHost:
         m["handshake_refused"] = self.server.handshake_refused
         m["connections"] = self.server.connections
         m["connections_tcp"] = self.server.tcp_connections
+        m["tls"] = self.server.tls is not None
+        m["connections_tls"] = self.server.tls_connections
         m["sessions"] = len(self.sessions)
         m.update(self.sessions.stats)
         if self.journal is not None:

@@ -81,7 +81,7 @@ class Pool:
         the cache's ``shard_wait_s``), resending what it had not had answered."""
         return Connection(self.addresses[shard], self.spec.secret,
                           resolve=lambda: self._resolve(shard), wait_s=self.spec.shard_wait_s,
-                          node_id=control.local_node_id())
+                          node_id=control.local_node_id(), tls=self.spec.tls)
 
     def _resolve(self, shard: int) -> dict[str, Any]:
         # The shard may have been restarted by Ray with a new socket: ask it where it is.

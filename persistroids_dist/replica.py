@@ -33,6 +33,7 @@ from typing import Any
 
 from .errors import PersistroidsError
 from .protocol import Op
+from .tls import TLSConfig
 from .transport import Connection, ShardServer, _recv_obj
 
 __all__ = ["Backup", "MirrorFiles", "MirrorLink", "MirrorLostError", "ReplicaDeposedError"]
@@ -163,7 +164,8 @@ class Backup:
     authenticated socket (the cache's secret) for the primary's ``MirrorLink``."""
 
     def __init__(self, index: int, directory: str, fsync: str, secret: bytes, *,
-                 unix_path: str | None, tcp_host: str | None = None) -> None:
+                 unix_path: str | None, tcp_host: str | None = None,
+                 tls: TLSConfig | None = None) -> None:
         self.index = index
         self.files = MirrorFiles(directory, fsync)
         self.promoted = False
@@ -172,7 +174,7 @@ class Backup:
             Op.MIRROR_RELEASE: self.files.release,
             Op.MIRROR_RESET: self.files.reset,
             Op.PING: lambda: index,
-        }, secret, unix_path=unix_path, tcp_host=tcp_host)
+        }, secret, unix_path=unix_path, tcp_host=tcp_host, tls=tls)
         self.address = self.server.start()
 
     def stop(self, remove: bool = False) -> None:
@@ -197,11 +199,12 @@ class MirrorLink:
     ``timeout_s``). A send that fails does not raise: the waits after it do."""
 
     def __init__(self, address: dict[str, Any], secret: bytes, *, node_id: str | None = None,
-                 timeout_s: float = 10.0) -> None:
-        conn = Connection(address, secret, node_id=node_id, timeout=timeout_s)
+                 timeout_s: float = 10.0, tls: TLSConfig | None = None) -> None:
+        conn = Connection(address, secret, node_id=node_id, timeout=timeout_s, tls=tls)
         self.sock = conn.sock
         self.unpacker = conn.unpacker
         self.transport = conn.transport
+        self.tls = conn.tls
         self.address = address
         self.sent = 0
         self.acked = 0

@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .tls import TLSConfig
+
 __all__ = ["NAMESPACE", "CacheSpec", "coordinator_name"]
 
 #: Ray namespace of every cache's actors, so other drivers can find them by name.
@@ -28,6 +30,11 @@ class CacheSpec:
     repr. ``allow_pickle``: whether the shards unpickle ``update`` functions and checkpoint
     states sent to them (else the client refuses them before sending); ``functions``: the
     update functions registered by name at ``init`` (run in-process on a leased key).
+    ``tls``: the TLS files' paths (None: plain TCP), for this handle's TCP connections. Paths,
+    not the files' contents: the private key stays in its file on each node instead of
+    travelling in every pickled handle (through Ray's object store, into task arguments,
+    possibly spilled to disk), Python's ``ssl`` loads a certificate chain only from files
+    anyway, and the shards need the files on every node in any case (as Ray's own TLS does).
     """
 
     name: str
@@ -42,6 +49,7 @@ class CacheSpec:
     allow_pickle: bool = True
     replicas: int = 0  # backups per shard (0 or 1); with 1, the coordinator routes
     functions: dict[str, Callable[[Any], Any]] = field(default_factory=dict, repr=False)
+    tls: TLSConfig | None = None
 
     @classmethod
     def of(cls, spec: CacheSpec | Mapping[str, Any]) -> CacheSpec:

@@ -8,6 +8,13 @@ Responses come back in request order, which is what lets a client pipeline write
 
 Every connection starts with a mutual HMAC-SHA256 challenge over the cache's secret: the server
 refuses (and counts) a peer that cannot prove it, and the client refuses a server that cannot.
+
+With TLS (``tls.TLSConfig``), a shard's TCP connections run that same handshake, and everything
+after it, inside mutual TLS; its Unix socket stays plain (it never leaves the host, and its
+folder is 0700). A TLS shard first sends ``[_MAGIC_TLS]`` in the clear, where a plain one
+sends its challenge, so each end tells a mismatch at once and says so, instead of both
+waiting for the other to speak. Neither end lets that greeting change what it does: a
+client set up for TLS never talks plain TCP, and a TLS shard never serves it.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import os
 import pickle
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -31,6 +39,7 @@ from . import protocol
 from .codec import _ext_hook
 from .errors import AuthenticationError, RemoteError, UnacknowledgedWritesError
 from .protocol import SEQUENCED, Op
+from .tls import TLSConfig, client_context, describe, server_context
 
 __all__ = ["Connection", "LinkError", "Op", "ShardServer"]
 
@@ -39,6 +48,8 @@ _monotonic = time.monotonic
 log = logging.getLogger("persistroids_dist.transport")
 
 _MAGIC = b"PRST1"
+_MAGIC_TLS = b"PRST1-TLS"  # a TLS shard's greeting, in the clear, before the TLS handshake
+_TLS_GREETING = msgpack.packb([_MAGIC_TLS])
 _RECV = 1 << 18
 _HANDSHAKE_TIMEOUT = 5.0
 # What a peer may take of a shard before it proves the secret (see ShardServer).
@@ -92,12 +103,16 @@ def encode_error(exc: BaseException) -> bytes:
 
 class _Handshake:
     """A connection still proving itself: the nonce it must sign, what it sent so far (at
-    most _HANDSHAKE_MAX_BYTES), and when it must be done."""
+    most _HANDSHAKE_MAX_BYTES), and when it must be done. ``tls``: its TLS handshake is
+    still running (then ``events``: what it waits for, reading or writing)."""
 
-    __slots__ = ("sock", "nonce", "unpacker", "received", "started", "deadline")
+    __slots__ = ("sock", "nonce", "unpacker", "received", "started", "deadline", "tls",
+                 "events")
 
-    def __init__(self, sock: socket.socket, limit: float) -> None:
+    def __init__(self, sock: socket.socket, limit: float, tls: bool = False) -> None:
         self.sock = sock
+        self.tls = tls
+        self.events = selectors.EVENT_READ
         self.nonce = os.urandom(16)
         # A declared length over the cap fails at the header, before anything is buffered.
         self.unpacker = msgpack.Unpacker(max_buffer_size=_HANDSHAKE_MAX_BYTES)
@@ -121,6 +136,13 @@ class ShardServer:
     real client answers in one round trip), which is then closed to make room and counted in
     ``handshake_refused``. So peers that connect and stall can slow legitimate clients down
     by that tenth, not lock them out, while a burst of real clients is served, not refused.
+
+    With ``tls``, TCP peers go through a TLS handshake first (client certificate required,
+    checked against the CA), in the same accept thread, non-blocking: it is part of the
+    handshake that the limits above bound, so a peer that starts TLS and stalls takes no
+    thread and is closed like one that stalls in the HMAC challenge. (A thread per TLS
+    handshake would give every connected, unproven peer a thread again.) The cost is that
+    TLS handshakes are computed one after another in that thread, ~1 ms of CPU each.
     """
 
     def __init__(self, handlers: dict[int, Callable[..., Any]], secret: bytes, *,
@@ -128,8 +150,11 @@ class ShardServer:
                  handshake_timeout: float = _HANDSHAKE_TIMEOUT,
                  max_handshakes: int = _MAX_HANDSHAKES,
                  before_reply: Callable[[], None] | None = None,
-                 sessions: Any = None) -> None:
+                 sessions: Any = None, tls: TLSConfig | None = None) -> None:
         self.handlers = handlers
+        # TCP connections only; the files are read here, once.
+        self.tls = tls
+        self._tls_context = server_context(tls) if tls is not None else None
         # ``session.Sessions``: applies each numbered request of a session once (None: every
         # request is applied as it comes, and SESSION is answered None).
         self.sessions = sessions
@@ -146,6 +171,7 @@ class ShardServer:
         self.handshake_refused = 0  # stalled handshakes closed to make room for new ones
         self.connections = 0
         self.tcp_connections = 0  # of ``connections``: from other nodes (or told to use TCP)
+        self.tls_connections = 0  # of ``tcp_connections``: over TLS (all of them with ``tls``)
         self._listeners: list[socket.socket] = []
         self._handshakes: dict[socket.socket, _Handshake] = {}  # oldest first
         self._wake: tuple[socket.socket, socket.socket] | None = None
@@ -267,14 +293,25 @@ class ShardServer:
                 self.handshake_refused += 1
                 log.warning("closed a stalled handshake to make room for a new connection")
                 self._drop(sel, evict)
-            h = _Handshake(sock, self.handshake_timeout)
+            tls = self._tls_context is not None and sock.family != socket.AF_UNIX
             try:
                 sock.setblocking(False)
                 if sock.family == socket.AF_INET:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                hello = msgpack.packb([_MAGIC, h.nonce])
-                if sock.send(hello) != len(hello):  # cannot happen on a new socket
-                    raise ConnectionError("short send")
+                if tls:
+                    # The greeting in the clear (a new socket's buffer takes it whole), then
+                    # TLS; the challenge follows once TLS is up (see _advance).
+                    if sock.send(_TLS_GREETING) != len(_TLS_GREETING):
+                        raise ConnectionError("short send")
+                    assert self._tls_context is not None
+                    sock = self._tls_context.wrap_socket(sock, server_side=True,
+                                                         do_handshake_on_connect=False)
+                    h = _Handshake(sock, self.handshake_timeout, tls=True)
+                else:
+                    h = _Handshake(sock, self.handshake_timeout)
+                    hello = msgpack.packb([_MAGIC, h.nonce])
+                    if sock.send(hello) != len(hello):  # cannot happen on a new socket
+                        raise ConnectionError("short send")
                 sel.register(sock, selectors.EVENT_READ, h)
             except OSError:
                 sock.close()
@@ -282,29 +319,63 @@ class ShardServer:
             pending[sock] = h
 
     def _advance(self, sel: selectors.BaseSelector, h: _Handshake) -> None:
-        """Read what ``h``'s peer sent; finish its handshake once the whole proof is in."""
-        try:
-            # Never more than the cap: what the client pipelined behind its proof stays in
-            # the socket for the connection's own thread.
-            data = h.sock.recv(_HANDSHAKE_MAX_BYTES - len(h.received))
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._refuse(sel, h, "closed the connection during the handshake")
-            return
-        h.received += data
-        try:
-            h.unpacker.feed(data)
-            frame = next(h.unpacker)
-        except StopIteration:
-            if len(h.received) >= _HANDSHAKE_MAX_BYTES:
-                self._refuse(sel, h, "sent an oversized handshake")
-            return
-        except Exception:  # malformed, or declares a length over the cap
-            self._refuse(sel, h, "sent a malformed or oversized handshake")
-            return
+        """Move ``h``'s TLS handshake on, if it runs one; then read what its peer sent, and
+        finish its handshake once the whole proof is in."""
+        sock = h.sock
+        if h.tls:
+            assert isinstance(sock, ssl.SSLSocket)
+            try:
+                sock.do_handshake()
+            except ssl.SSLWantReadError:
+                self._wait_for(sel, h, selectors.EVENT_READ)
+                return
+            except ssl.SSLWantWriteError:
+                self._wait_for(sel, h, selectors.EVENT_WRITE)
+                return
+            except ssl.SSLError as e:  # no certificate, one the CA did not sign, not TLS
+                self._refuse(sel, h, f"failed the TLS handshake ({describe(e)})")
+                return
+            except OSError:
+                self._refuse(sel, h, "closed the connection during the TLS handshake")
+                return
+            h.tls = False
+            self._wait_for(sel, h, selectors.EVENT_READ)
+            hello = msgpack.packb([_MAGIC, h.nonce])
+            try:
+                if sock.send(hello) != len(hello):  # the buffer holds one TLS flight at most
+                    raise ConnectionError("short send")
+            except OSError:
+                self._refuse(sel, h, "closed the connection after the TLS handshake")
+                return
+            # On: anything the peer sent already may sit decrypted in the SSL object.
+        while True:
+            try:
+                # Never more than the cap: what the client pipelined behind its proof stays
+                # in the socket for the connection's own thread.
+                data = sock.recv(_HANDSHAKE_MAX_BYTES - len(h.received))
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                    ssl.SSLWantWriteError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._refuse(sel, h, "closed the connection during the handshake")
+                return
+            h.received += data
+            try:
+                h.unpacker.feed(data)
+                frame = next(h.unpacker)
+                break
+            except StopIteration:
+                if len(h.received) >= _HANDSHAKE_MAX_BYTES:
+                    self._refuse(sel, h, "sent an oversized handshake")
+                    return
+                # A TLS socket may hold more decrypted bytes, which select() does not see.
+                if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                    return
+            except Exception:  # malformed, or declares a length over the cap
+                self._refuse(sel, h, "sent a malformed or oversized handshake")
+                return
         try:
             proof, client_nonce = frame
             ok = isinstance(proof, bytes) and isinstance(client_nonce, bytes) and \
@@ -327,9 +398,16 @@ class ShardServer:
         self.connections += 1
         if sock.family != socket.AF_UNIX:
             self.tcp_connections += 1
+            if isinstance(sock, ssl.SSLSocket):
+                self.tls_connections += 1
         rest = bytes(h.received[h.unpacker.tell():])  # pipelined behind the proof
         threading.Thread(target=self._serve, args=(sock, rest), daemon=True,
                          name="persistroids-conn").start()
+
+    def _wait_for(self, sel: selectors.BaseSelector, h: _Handshake, events: int) -> None:
+        if h.events != events:
+            sel.modify(h.sock, events, h)
+            h.events = events
 
     def _refuse(self, sel: selectors.BaseSelector, h: _Handshake, why: str) -> None:
         self.auth_failures += 1  # counted before the peer can see the connection close
@@ -411,7 +489,8 @@ class Connection:
                  batch_max: int = 512, linger: float = 0.001,
                  timeout: float | None = None,
                  resolve: Callable[[], dict[str, Any]] | None = None,
-                 wait_s: float = 30.0, node_id: str | None = None) -> None:
+                 wait_s: float = 30.0, node_id: str | None = None,
+                 tls: TLSConfig | None = None) -> None:
         self.lock = threading.Lock()
         self.max_unacked = max_unacked
         self.batch_max = batch_max
@@ -437,6 +516,10 @@ class Connection:
         # over TCP (``transport`` says which this connection took).
         self.node_id = node_id
         self.transport = ""
+        # ``tls``: every TCP connection must be TLS (never plain; Unix sockets stay plain);
+        # ``self.tls`` says whether this one is.
+        self.tls_config = tls
+        self.tls = False
         self._answered: list[Any] = [0]  # the inflight entry of the last answer read
         self.address = address
         try:
@@ -447,12 +530,16 @@ class Connection:
             self._recover(e, first=True)
 
     def _dial(self, address: dict[str, Any]) -> None:
-        """Connect to ``address``, prove the secret both ways, open the session."""
+        """Connect to ``address`` (over TLS if it is TCP and this connection has TLS
+        settings), prove the secret both ways, open the session."""
+        context = None
         if address.get("unix") and self._same_node(address) \
                 and os.path.exists(address["unix"]):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             target: Any = address["unix"]
         elif address.get("tcp"):
+            if self.tls_config is not None:  # read once per process (a ValueError if not)
+                context = client_context(self.tls_config)
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             target = tuple(address["tcp"])
@@ -463,13 +550,30 @@ class Connection:
         try:
             sock.settimeout(_HANDSHAKE_TIMEOUT)
             sock.connect(target)
-            magic, nonce = _recv_obj(sock, unpacker)
-            if magic != _MAGIC:
+            hello = _recv_obj(sock, unpacker)
+            if hello == [_MAGIC_TLS]:
+                if context is None:
+                    raise AuthenticationError(
+                        f"the shard at {target} requires TLS and this client has no TLS "
+                        f"settings (a handle of a cache made with init(tls=...) has them)")
+                sock, unpacker = self._start_tls(sock, context, target), _unpacker()
+                hello = self._after_tls(sock, unpacker, target)
+            elif context is not None:
+                raise AuthenticationError(f"this client requires TLS, but the shard at "
+                                          f"{target} serves plain TCP (started without tls)")
+            try:
+                magic, nonce = hello
+            except (TypeError, ValueError):
+                magic = nonce = None
+            if magic != _MAGIC or not isinstance(nonce, bytes):
                 raise AuthenticationError("peer is not a persistroids shard")
             mine = os.urandom(16)
             sock.sendall(msgpack.packb([_mac(secret, b"client", nonce, mine), mine]))
             try:
                 proof = _recv_obj(sock, unpacker)
+            except ssl.SSLError as e:  # OSError, ConnectionError not
+                raise AuthenticationError(f"TLS: the shard at {target} ended the connection "
+                                          f"({describe(e)})") from None
             except ConnectionError:
                 raise AuthenticationError(
                     "shard refused the connection: wrong cache secret") from None
@@ -487,6 +591,33 @@ class Connection:
         self.sock = sock
         self.unpacker = unpacker
         self.transport = "unix" if sock.family == socket.AF_UNIX else "tcp"
+        self.tls = isinstance(sock, ssl.SSLSocket)
+
+    @staticmethod
+    def _start_tls(sock: socket.socket, context: ssl.SSLContext, target: Any
+                   ) -> ssl.SSLSocket:
+        """``sock`` wrapped in TLS, its handshake done (within the socket's timeout)."""
+        try:
+            # No server_hostname: the shard is reached by its node's IP (see tls._build).
+            return context.wrap_socket(sock)
+        except ssl.SSLError as e:
+            raise AuthenticationError(f"TLS handshake with the shard at {target} failed: "
+                                      f"{describe(e)}") from None
+
+    @staticmethod
+    def _after_tls(sock: socket.socket, unpacker: msgpack.Unpacker, target: Any) -> Any:
+        """The shard's challenge, the first thing it says inside TLS. A shard that refuses
+        this client's certificate says so only now (TLS 1.3 ends the client's handshake
+        first), as an alert or by closing."""
+        try:
+            return _recv_obj(sock, unpacker)
+        except ssl.SSLError as e:
+            raise AuthenticationError(f"TLS: the shard at {target} refused this client's "
+                                      f"certificate ({describe(e)})") from None
+        except ConnectionError:
+            raise AuthenticationError(f"TLS: the shard at {target} closed the connection "
+                                      f"after the TLS handshake (does the cache's CA sign "
+                                      f"this client's certificate?)") from None
 
     def _same_node(self, address: dict[str, Any]) -> bool:
         """Whether the shard runs on this process's node: by Ray node id when both are

@@ -25,6 +25,7 @@ from persistroids_dist.codec import decode_value, encode_key, encode_value
 from persistroids_dist.connectors.memory import MemoryConnector
 from persistroids_dist.host import ShardHost
 from persistroids_dist.replica import Backup
+from persistroids_dist.tls import make_test_certificates
 from persistroids_dist.transport import Connection
 
 SECRET = b"r" * 32
@@ -202,3 +203,24 @@ def test_a_lost_backup_is_replaced_and_the_new_one_gets_the_whole_journal(tmp_pa
             promoted.close()
     finally:
         host.close()
+
+
+def test_a_backup_on_another_node_is_reached_over_tcp_with_tls(tmp_path):
+    tls = make_test_certificates(tmp_path / "certs")
+    # No Unix socket: as a backup on another node, reached over TCP only.
+    backup = Backup(0, str(tmp_path / "mirror"), "off", SECRET, unix_path=None,
+                    tcp_host="127.0.0.1", tls=tls)
+    host = ShardHost(0, [MemoryConnector()], {**OPTIONS, "journal": str(tmp_path / "j"),
+                     "tls": tls}, SECRET)
+    try:
+        assert host.attach_backup(backup.address) == "tcp"
+        assert host.metrics()["backup_transport"] == "tcp+tls"
+        assert backup.server.tls_connections == 1
+        c = Connection(host.address(), SECRET)
+        for i in range(20):
+            c.call(protocol.write(encode_key(f"k{i}"), None, encode_value(i)))
+        assert segments(backup.files.directory) == segments(host.journal.directory)
+        c.close()
+    finally:
+        host.close()
+        backup.stop()
