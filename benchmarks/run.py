@@ -31,7 +31,8 @@ Layout
 table and the reports, cleanup) and the registry; each case is one module that registers itself
 with ``@case("B1")``: ``b1_seed_loop``, ``b2_remote_read``, ``b3_batches``, ``b4_near``,
 ``b5_counters``, ``b6_flush``, ``b7_memory``, ``c1_connectors``, ``j1_journal``, ``k1_keys``,
-``n1_cross_node`` (N1: a read over TCP, as from another node) and ``s1_store_stall`` (S1 and
+``n1_cross_node`` (N1: a read over TCP, as from another node), ``r1_replicas`` (R1:
+pipelined writes with a backup on another node) and ``s1_store_stall`` (S1 and
 S2: reads of cached keys while a shard's store is slow or down).
 This module is the command line: it imports the case modules (in the order the cases run),
 starts Ray, runs the selected cases and writes the reports.
@@ -64,6 +65,7 @@ from benchmarks import (  # noqa: F401  (importing a case module registers its c
     j1_journal,
     k1_keys,
     n1_cross_node,
+    r1_replicas,
     s1_store_stall,
 )
 from benchmarks.harness import CASES, Ctx, Row, cleanup, machine, markdown_report, pc, table_lines

@@ -494,6 +494,15 @@ class Cache:
         frames = dict.fromkeys(range(self.num_shards), protocol.DISCARD_DEAD_LETTERS)
         return sum(self._scatter(frames).values())
 
+    def replicas(self, detail: bool = False) -> list[dict[str, Any]]:
+        """Per shard, where its primary and its backup run (Ray node ids; ``backup_node``
+        None: none now, e.g. no other node is alive) and how many failovers the cache has
+        had; with ``detail``, each one's actor id and process id too. A cache made without
+        ``replicas`` lists its shards' nodes with no backups."""
+        if self._spec.coordinator is None:
+            raise CacheClosedError("this handle has no coordinator (a shard host in-process)")
+        return control.get(self._spec.coordinator.replicas.remote(detail))
+
     def metrics(self) -> dict[str, Any]:
         """``{"total": {...}, "shards": [...]}``: lookup (read calls), read (store read
         rounds), write (write calls), flush (distinct keys flushed), and more per shard."""

@@ -106,3 +106,20 @@ def test_with_replicas_a_lost_node_loses_no_acknowledged_write(ray_session):
         assert (r["primary_node"], r["backup_node"]) == (head, added), r
     assert all(m["role"] == "primary" and m["backed_up"] for m in out["shards"])
     assert sum(m["replayed"] for m in out["shards"]) > 0  # promoted from the backups' copies
+
+
+REPLICA_HISTORY = os.path.join(os.path.dirname(SCENARIO), "replica_history_scenario.py")
+
+
+def test_histories_through_a_node_loss_with_replicas_are_linearizable(ray_session):
+    # Four workers on the two nodes that stay; the third, holding a primary, is lost
+    # mid-run (processes SIGKILLed, journal folders deleted) and its backup takes over.
+    out = scenario(REPLICA_HISTORY)
+    assert any(r["primary_node"] == out["victim"] for r in out["before"])
+    assert out["gone"]
+    assert all(r["primary_node"] != out["victim"] for r in out["after"])
+    assert out["after"][0]["failovers"] >= 1
+    assert out["error_count"] == 0, out["errors"]
+    assert out["ops"] >= 4 * 1000
+    assert out["before_loss"] >= 100 and out["after_loss_on_lost_shards"] >= 300, out
+    assert out["ok"], out["explain"]

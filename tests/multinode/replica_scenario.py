@@ -28,6 +28,10 @@ from spread_scenario import report, three_nodes
 import persistroids_dist as pd
 
 BUMP = functools.partial(operator.add, 1)
+# Ray takes a node for dead after its health checks fail: every 3 s, 5 times, by default.
+# The tests check faster (a deployment keeps Ray's defaults, or tunes them).
+FAST_HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
+                      "health_check_initial_delay_ms": 0}
 
 
 class Writers:
@@ -134,12 +138,8 @@ def settled(cache: pd.Cache, alive: set[str], timeout: float = 90) -> list[dict]
 
 def main() -> int:
     journal = tempfile.mkdtemp(prefix="persistroids-replica-")
-    # Ray takes a node for dead after its health checks fail: every 3 s, 5 times, by
-    # default. The test checks faster (production keeps Ray's defaults).
-    fast = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
-            "health_check_initial_delay_ms": 0}
     try:
-        with three_nodes(fast) as (cluster, workers):
+        with three_nodes(FAST_HEALTH_CHECKS) as (cluster, workers):
             cache = pd.init(num_shards=3, replicas=1, journal=journal, shard_wait_s=60,
                             writes_threshold=10**6, millis_threshold=600_000,
                             init_fn=lambda args: 0)

@@ -1,0 +1,115 @@
+"""Replicas on one node (``placement="pack"`` lets a backup share its primary's node): the
+paths a process crash takes, with real SIGKILLs. Node loss is in ``test_multinode.py``.
+
+- a backup's process dies: the primary asks the coordinator, goes on alone, and the
+  coordinator places a new backup, which gets the whole journal;
+- a primary's process dies (its node alive): Ray restarts it on its journal, and it takes
+  its backup back (sending it everything again) before it serves.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+import persistroids_dist as pd
+
+
+def replicas(cache: pd.Cache, detail: bool = False) -> list[dict]:
+    return cache.replicas(detail=detail)
+
+
+def wait_for(what, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = what()
+        if got:
+            return got
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def backed(ray_session, tmp_path):
+    made = []
+
+    def make(**kw) -> pd.Cache:
+        cache = pd.init(num_shards=2, replicas=1, placement="pack", journal=str(tmp_path),
+                        writes_threshold=10**6, millis_threshold=600_000,
+                        init_fn=lambda a: 0, **kw)
+        made.append(cache)
+        return cache
+    yield make
+    for cache in made:
+        try:
+            cache.shutdown()
+        except Exception:
+            pass
+
+
+def test_replicas_need_a_journal_and_a_valid_count(ray_session):
+    with pytest.raises(ValueError, match="replicas must be 0 or 1"):
+        pd.init(replicas=2)
+    with pytest.raises(ValueError, match="needs the journal"):
+        pd.init(replicas=1, journal=False)
+    with pytest.raises(ValueError, match="tcp=False"):
+        pd.init(replicas=1, tcp=False)
+    # One node, and backups may not share it: said at init, nothing left running.
+    with pytest.raises(ValueError, match="another alive node"):
+        pd.init(replicas=1, name="lonely")
+    with pytest.raises(pd.CacheNotFoundError):
+        pd.connect("lonely")
+
+
+def test_every_shard_starts_backed_up_and_the_backup_holds_the_journal(backed):
+    cache = backed()
+    for i in range(500):
+        cache.write(i, i)
+    cache.sync()
+    shards = cache.metrics()["shards"]
+    assert all(m["role"] == "primary" and m["backed_up"] for m in shards)
+    assert [m["backup_transport"] for m in shards] == ["unix", "unix"]
+    reps = replicas(cache, detail=True)
+    assert all(r["backup_pid"] and r["backup_pid"] != r["primary_pid"] for r in reps)
+
+
+def test_a_killed_backup_is_replaced_and_writes_go_on(backed):
+    cache = backed()
+    for _ in range(200):
+        cache.update("n", lambda v: v + 1)
+    old = replicas(cache, detail=True)
+    os.kill(old[cache.shard_of("n")]["backup_pid"], signal.SIGKILL)
+    for _ in range(300):  # the primary notices at its next commit, and asks
+        cache.update("n", lambda v: v + 1)
+    assert cache.read("n") == 500
+
+    def replaced():
+        reps = replicas(cache, detail=True)
+        s = reps[cache.shard_of("n")]
+        return s["backup_id"] not in (None, old[cache.shard_of("n")]["backup_id"]) \
+            and s["backup_pid"] is not None and reps
+    wait_for(replaced)
+    wait_for(lambda: all(m["backed_up"] for m in cache.metrics()["shards"]))
+    cache.update("n", lambda v: v + 1)
+    assert cache.read("n") == 501
+
+
+def test_a_killed_primary_restarts_and_takes_its_backup_back(backed):
+    cache = backed()
+    shard = cache.shard_of("n")
+    for _ in range(300):
+        cache.update("n", lambda v: v + 1)
+    old = replicas(cache, detail=True)[shard]
+    os.kill(old["primary_pid"], signal.SIGKILL)
+    assert cache.update("n", lambda v: v + 1) == 301  # waits for the restart
+    m = cache.metrics()["shards"][shard]
+    assert m["restarts"] >= 1 and m["backed_up"] and m["pid"] != old["primary_pid"]
+    now = replicas(cache, detail=True)[shard]
+    assert now["backup_id"] == old["backup_id"]  # the same backup, given everything again
+    assert now["failovers"] == 0  # a process crash on a live node is not a failover
+    for _ in range(99):
+        cache.update("n", lambda v: v + 1)
+    assert cache.read("n") == 400
