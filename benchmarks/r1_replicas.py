@@ -7,7 +7,8 @@ shards, spread one per node, so the driver reaches one over its Unix socket and 
 over TCP, and each shard's backup is on the other node (the mirror link is TCP, checked).
 Both caches live in that cluster; rounds alternate between them. A round is ``n`` pipelined
 ``write``s of small values over both shards, then ``sync()``: the rate counts writes the
-shards acknowledged (with replicas, each after its backup had it).
+shards acknowledged (with replicas, each after its backup had it). R1-sync times one
+acknowledged write at a time, where nothing shares the backup's round trip.
 """
 
 from __future__ import annotations
@@ -56,9 +57,18 @@ def _child(n: int, rounds: int) -> dict:
                     rates[label].append(n / (time.perf_counter() - t))
             for cache in (plain, backed):
                 cache.flush_now()  # the journals start each round small
+        # R1-sync: one acknowledged write at a time (the backup's round trip is not shared).
+        sync: dict[str, list[float]] = {"plain": [], "backed": []}
+        for r in range(rounds + 1):
+            for label, cache in (("plain", plain), ("backed", backed)):
+                t = time.perf_counter()
+                for i in range(n // 50):
+                    cache.write(i, value, wait=True)
+                if r:
+                    sync[label].append((time.perf_counter() - t) / (n // 50) * 1e6)
         plain.shutdown()
         backed.shutdown()
-        return {"rates": rates, "links": links}
+        return {"rates": rates, "sync_us": sync, "links": links}
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -90,3 +100,9 @@ def r1_replicas(ctx: Ctx) -> None:
                         over_tcp and backed >= 0.5 * plain,
                         f"{check}{n} writes per round, median of {rounds}; mirror links "
                         f"{out['links']}"))
+    plain_us = statistics.median(out["sync_us"]["plain"])
+    backed_us = statistics.median(out["sync_us"]["backed"])
+    ctx.rows.append(Row("R1-sync", "write(wait=True) with replicas=1 (us per write)",
+                        "same, replicas=0", plain_us, backed_us, "us", "-", None,
+                        f"{n // 50} writes per round, median of {rounds}: each waits for "
+                        "its backup's round trip"))
