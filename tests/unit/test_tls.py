@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 
@@ -318,13 +321,33 @@ def test_settings_are_checked_with_errors_that_name_the_problem(certs, tmp_path)
         resolve({**good, "cert_file": 3})
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+_UNREADABLE = """
+import sys
+from persistroids_dist.tls import TLSConfig, resolve
+try:
+    resolve(TLSConfig(*sys.argv[1:4]))
+except PermissionError as e:
+    print("PermissionError:", e)
+"""
+
+
 def test_an_unreadable_key_file_is_named(tls, tmp_path):
     key = tmp_path / "locked.key"
     key.write_bytes(open(tls.key_file, "rb").read())
     key.chmod(0)
-    with pytest.raises(PermissionError, match="key_file .*locked.key.* cannot be read"):
-        resolve(TLSConfig(tls.cert_file, str(key), tls.ca_file))
+    if os.geteuid() != 0:
+        with pytest.raises(PermissionError, match="key_file .*locked.key.* cannot be read"):
+            resolve(TLSConfig(tls.cert_file, str(key), tls.ca_file))
+        return
+    # Root reads any file: check in a process that runs as root without the capabilities
+    # that let it (util-linux's setpriv drops them), as a user without access would.
+    run = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                          "--inh-caps=-dac_override,-dac_read_search", sys.executable, "-c",
+                          _UNREADABLE, tls.cert_file, str(key), tls.ca_file],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert re.search(r"PermissionError: .*key_file .*locked.key.* cannot be read", run.stdout), \
+        run.stdout
 
 
 def test_relative_paths_become_absolute(tls, monkeypatch):
