@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from persistroids_dist import BaseConnector, FlushError
+from persistroids_dist import shard as shard_module
 from persistroids_dist.codec import decode_value, encode_key, encode_value
 from persistroids_dist.shard import ShardCore
 
@@ -189,6 +190,32 @@ def test_a_big_flush_goes_in_chunks_in_order(monkeypatch: pytest.MonkeyPatch) ->
     assert core.flush() == 8
     assert conn.batches == [[(0, 0), (1, 1), (2, 2)], [(3, 3), (4, 4), (5, 5)], [(6, 6), (7, 7)]]
     assert core.metrics()["pending"] == 0
+
+
+def test_a_big_flush_on_the_store_thread_empties_its_key_set_there(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Over one chunk, the flush's key set and size map are emptied item by item on the
+    # store thread (see _empty_piecewise), not freed whole under the lock.
+    monkeypatch.setattr("persistroids_dist.shard._FLUSH_CHUNK", 3)
+    emptied: list[int] = []
+    real = shard_module._empty_piecewise
+    monkeypatch.setattr("persistroids_dist.shard._empty_piecewise",
+                        lambda *cs: (emptied.append(threading.get_ident()), real(*cs)))
+    conn = DictConnector()
+    core = ShardCore([conn], background=True, writes_threshold=10**6,
+                     millis_threshold=10**9)
+    try:
+        for i in range(8):
+            core.put(i, i)
+        assert core.flush_count() == 8
+        assert conn.store == {i: i for i in range(8)}
+        assert emptied and emptied[0] != threading.get_ident()
+        assert core.metrics()["pending"] == 0
+    finally:
+        core.stop()
+    s, d = set(range(5)), dict.fromkeys(range(5))
+    real(s, d)
+    assert s == set() and d == {}
 
 
 def test_a_chunk_the_store_fails_keeps_it_and_the_rest_pending(
