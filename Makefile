@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit bench bench-quick soak lint clean
+.PHONY: demo cluster-demo test test-unit bench bench-quick soak lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m persistroids_dist.demo
+
+# Three simulated Ray nodes on this machine, replicas=1, one node lost mid-run.
+cluster-demo: $(STAMP)
+	$(BIN)/python -m persistroids_dist.cluster_demo
 
 test: $(STAMP)
 	$(BIN)/ruff check persistroids_dist connectors tests benchmarks

@@ -26,20 +26,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _child(n: int, rounds: int) -> dict:
-    import ray
-    from ray.cluster_utils import Cluster
-
-    sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "tests", "multinode"))
-    from spread_scenario import free_port
-
     import persistroids_dist as pd
+    from persistroids_dist.cluster_demo import simulated_cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "gcs_server_port": free_port(), "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    with simulated_cluster(1):
         plain = pd.init(num_shards=2, placement="spread", writes_threshold=10**6,
                         millis_threshold=600_000)
         backed = pd.init(num_shards=2, placement="spread", replicas=1,
@@ -69,9 +59,6 @@ def _child(n: int, rounds: int) -> dict:
         plain.shutdown()
         backed.shutdown()
         return {"rates": rates, "sync_us": sync, "links": links}
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @case("R1")

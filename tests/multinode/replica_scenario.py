@@ -12,11 +12,8 @@ the cache holds afterwards, and where the replicas were at each step.
 from __future__ import annotations
 
 import functools
-import glob
 import operator
-import os
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -26,12 +23,10 @@ import ray
 from spread_scenario import report, three_nodes
 
 import persistroids_dist as pd
+from persistroids_dist.cluster_demo import FAST_HEALTH_CHECKS
+from persistroids_dist.cluster_demo import lose_node as lose
 
 BUMP = functools.partial(operator.add, 1)
-# Ray takes a node for dead after its health checks fail: every 3 s, 5 times, by default.
-# The tests check faster (a deployment keeps Ray's defaults, or tunes them).
-FAST_HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
-                      "health_check_initial_delay_ms": 0}
 
 
 class Writers:
@@ -92,35 +87,7 @@ class Writers:
 
 
 def replicas(cache: pd.Cache) -> list[dict]:
-    return ray.get(cache._spec.coordinator.replicas.remote())
-
-
-def lose(cluster, node, cache: pd.Cache, journal: str) -> list[str]:
-    """Remove ``node`` as a machine is lost: its processes killed, its disk gone."""
-    reps = ray.get(cache._spec.coordinator.replicas.remote(True))
-    mine = [(r["shard"], role, r[f"{role}_id"], r[f"{role}_pid"]) for r in reps
-            for role in ("primary", "backup") if r[f"{role}_node"] == node.node_id]
-    cluster.remove_node(node, allow_graceful=False)
-    # A removed simulated node leaves its workers to notice on their own: end them now.
-    for _, _, _, pid in mine:
-        if pid:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    gone = []
-    for shard, _, actor_id, _ in mine:
-        # A first primary journals in shard<i>; a backup (promoted or not) in
-        # shard<i>.backup-<its actor id>.
-        for p in glob.glob(os.path.join(journal, "*", f"shard{shard}.backup-{actor_id[:12]}")):
-            shutil.rmtree(p, ignore_errors=True)
-            gone.append(os.path.basename(p))
-    for shard, role, _, _ in mine:
-        if role == "primary" and not any(g.startswith(f"shard{shard}.") for g in gone):
-            for p in glob.glob(os.path.join(journal, "*", f"shard{shard}")):
-                shutil.rmtree(p, ignore_errors=True)
-                gone.append(os.path.basename(p))
-    return gone
+    return cache.replicas()
 
 
 def settled(cache: pd.Cache, alive: set[str], timeout: float = 90) -> list[dict]:

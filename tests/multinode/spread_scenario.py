@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import sys
 from collections.abc import Iterator
 
@@ -16,31 +15,15 @@ from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import persistroids_dist as pd
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from persistroids_dist.cluster_demo import simulated_cluster
 
 
 @contextlib.contextmanager
 def three_nodes(system_config: dict | None = None) -> Iterator[tuple[Cluster, list]]:
-    """A head node and two more, one CPU each (Ray's head port 6379 is Redis's here: the GCS
-    takes a free one), with this process connected; yields the cluster and its two added
-    nodes, and tears both down at the end. ``system_config``: Ray's ``_system_config``."""
-    head = {"num_cpus": 1, "gcs_server_port": free_port(), "include_dashboard": False}
-    if system_config:
-        head["_system_config"] = system_config
-    cluster = Cluster(initialize_head=True, head_node_args=head)
-    try:
-        added = [cluster.add_node(num_cpus=1) for _ in range(2)]
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    """A head node and two more (``persistroids_dist.cluster_demo.simulated_cluster``), with
+    this process connected; yields the cluster and its two added nodes."""
+    with simulated_cluster(2, system_config) as (cluster, added):
         yield cluster, added
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def report(out: dict) -> None:
