@@ -24,7 +24,7 @@ from persistroids_dist import protocol
 from persistroids_dist.codec import decode_value, encode_key, encode_value
 from persistroids_dist.connectors.memory import MemoryConnector
 from persistroids_dist.host import ShardHost
-from persistroids_dist.replica import Backup
+from persistroids_dist.replica import Backup, ReplicaDeposedError
 from persistroids_dist.tls import make_test_certificates
 from persistroids_dist.transport import Connection
 
@@ -224,3 +224,36 @@ def test_a_backup_on_another_node_is_reached_over_tcp_with_tls(tmp_path):
     finally:
         host.close()
         backup.stop()
+
+
+def test_a_deposed_primary_acknowledges_nothing_more(tmp_path):
+    # The coordinator promoted the backup (it took the primary's node for dead) while the
+    # primary still runs: the backup refuses its appends from then on, and asked whether it
+    # may go on alone, the coordinator says no. The primary must not answer a write again.
+    backup = Backup(0, str(tmp_path / "mirror"), "off", SECRET,
+                    unix_path=str(tmp_path / "b.sock"))
+    host = ShardHost(0, [MemoryConnector()], {**OPTIONS, "journal": str(tmp_path / "j")},
+                     SECRET)
+    asked = []
+
+    def deposed(error: BaseException) -> None:  # what the actor hears from the coordinator
+        asked.append(error)
+        raise ReplicaDeposedError("deposed")
+
+    host._mirror_lost = deposed
+    try:
+        host.attach_backup(backup.address)
+        c = Connection(host.address(), SECRET)
+        c.call(protocol.write(encode_key("before"), None, encode_value(1)))
+        backup.stop()  # promoted: refuses appends from now on
+        with pytest.raises(ConnectionError):
+            c.call(protocol.write(encode_key("after"), None, encode_value(2)))
+        assert len(asked) == 1
+        # Nor does any other connection get an answer (not even to opening its session).
+        with pytest.raises(ConnectionError):
+            c2 = Connection(host.address(), SECRET)
+            c2.call(protocol.write(encode_key("later"), None, encode_value(3)))
+        assert len(asked) == 1  # decided once
+    finally:
+        host.core.stop()
+        host.server.close()
