@@ -15,6 +15,7 @@ __all__ = [
     "CacheNotFoundError",
     "FlushError",
     "LeaseLostError",
+    "MovedError",
     "PersistroidsError",
     "PicklingRefusedError",
     "RemoteError",
@@ -81,6 +82,23 @@ class PicklingRefusedError(PersistroidsError, PermissionError):
 
 class LeaseLostError(PersistroidsError):
     """An exclusive lease expired (its owner stopped renewing) before its writes came back."""
+
+
+class MovedError(PersistroidsError):
+    """A shard refused a request for a key of a slot it does not own (the cache was
+    resharded and the client routed by an older table): nothing of the request was
+    applied. ``shard`` refused at ``epoch`` (its table's); ``slot`` is the key's. The
+    client refreshes its table and sends the request where it belongs."""
+
+    def __init__(self, shard: int, epoch: int, slot: int) -> None:
+        self.shard = shard
+        self.epoch = epoch
+        self.slot = slot
+        super().__init__(f"shard {shard} does not own slot {slot} (epoch {epoch}): the "
+                         "cache was resharded; refresh the slot table")
+
+    def __reduce__(self):
+        return (type(self), (self.shard, self.epoch, self.slot))
 
 
 class CacheClosedError(PersistroidsError, RuntimeError):

@@ -16,18 +16,21 @@ from typing import Any
 
 from ray import cloudpickle
 
+from .codec import slot_of
 from .errors import (
     BackpressureError,
     CacheClosedError,
     FlushError,
     LeaseLostError,
+    MovedError,
     PicklingRefusedError,
 )
-from .journal import REQUEST, SESSIONS, Journal
+from .journal import DELETE, REQUEST, SESSIONS, WRITE, Journal
 from .protocol import Op, array_header
 from .replica import MirrorLink
 from .session import Sessions
 from .shard import ShardCore
+from .slots import OWNS, SlotMap, replay_filter
 from .transport import Packed, ShardServer
 
 __all__ = ["Grant", "ShardHost"]
@@ -78,6 +81,9 @@ class ShardHost:
         self.allow_pickle = bool(options.pop("allow_pickle", True))
         self.functions: dict[str, Any] = dict(options.pop("functions", None) or {})
         self.journal = Journal(journal_path, fsync) if journal_path else None
+        # The slots this shard owns (see ``slots``): keys of others are refused (MovedError).
+        self.slots = SlotMap(index, options.pop("slots", None), options.pop("epoch", 0),
+                             options.pop("check_slots", False))
         # background: the core's own store thread makes every connector call and its flusher
         # thread flushes, so no store I/O runs under the lock the handlers below take.
         self.core = ShardCore(connectors, index=index, journal=self.journal, background=True,
@@ -88,16 +94,18 @@ class ShardHost:
         self.sessions.on_resent = self._learn_function
         if self.journal is not None:
             # A restarted shard first applies what its previous run acknowledged and no
-            # flush stored (and learns which requests those were); only then does it serve.
+            # flush stored (and learns which requests those were, and which slots it owns);
+            # only then does it serve.
             replayed = self.core.replay(self._unwrapped(self.journal.recovered()))
             if replayed:
                 log.warning("shard %d: replayed %d journaled write(s) from %s", index,
                             replayed, self.journal.directory)
-            # Each new segment starts with the session table: the segments a flush releases
-            # take their REQUEST records with them. This run's first segment too.
-            self.journal.on_rotate = self.sessions.snapshot
+            # Each new segment starts with the session table and the slot map: the
+            # segments a flush releases take their records with them. This run's too.
+            self.journal.on_rotate = self._segment_head
             with self.core._lock:
-                self.journal.append(self.sessions.snapshot())
+                for record in self._segment_head():
+                    self.journal.append(record)
             self.journal.commit()
         self._dir = tempfile.mkdtemp(prefix="persistroids-")
         os.chmod(self._dir, 0o700)
@@ -113,6 +121,7 @@ class ShardHost:
         self._closing = False
         # The core's own condition: a finished flush wakes the writers waiting for room.
         self._lease_cond = self.core._cond
+        self._leaving: set[int] = set()  # slots being given away: no new leases on them
         self.lease_stats = {"leases_granted": 0, "recalls": 0, "leases_expired": 0}
         handlers = {
             Op.READ: self._read,
@@ -150,12 +159,18 @@ class ShardHost:
         """Runs once the journal is replayed, before the first client is served (a
         restarted primary takes its backup back here, so nothing is acknowledged alone)."""
 
+    def _segment_head(self) -> list[list[Any]]:
+        return [self.sessions.snapshot(), self.slots.record()]
+
     def _unwrapped(self, records: Any) -> Any:
-        """The journal's records, the session ones taken in (a request's own records are
-        handed on for the core to replay)."""
-        for record in records:
+        """The journal's records, the session and slot ones taken in (a request's own
+        records are handed on for the core to replay), without the writes of slots that
+        were given away later (they were stored first: see ``slots.replay_filter``)."""
+        for record in replay_filter(list(records), REQUEST, (WRITE, DELETE)):
             if record[0] in (REQUEST, SESSIONS):
                 yield from self.sessions.replayed(record)
+            elif record[0] == OWNS:
+                self.slots.restore(record)
             else:
                 yield record
 
@@ -219,6 +234,8 @@ class ShardHost:
         """Grant ``owner`` exclusive use of ``kbs`` (recalling other owners first); return
         ``[generation, values]``: the grant's identity and the keys' current values."""
         with self._lease_cond:
+            if self.slots.checked or self._leaving:
+                self._refuse_leaving(kbs)
             self._refuse_if_closing()
             out = self.core.read_many(kbs, guard=self._guard(kbs, owner))
             expires = time.monotonic() + ttl_ms / 1000
@@ -278,6 +295,8 @@ class ShardHost:
     # -- socket handlers --------------------------------------------------------------------
     def _read(self, kb: bytes, ab: bytes | None, ckpt: bytes | None = None) -> bytes:
         with self._lease_cond:
+            if self.slots.checked:
+                self.slots.check((kb,))
             if self._leases:
                 self._wait_unleased((kb,))
             if ckpt:
@@ -287,6 +306,8 @@ class ShardHost:
 
     def _read_many(self, kbs: list[bytes], abs_: list[bytes | None] | None) -> list[bytes]:
         with self._lease_cond:
+            if self.slots.checked:
+                self.slots.check(kbs)
             if self._leases:
                 self._wait_unleased(kbs)
             return self.core.read_many(kbs, abs_)
@@ -310,6 +331,8 @@ class ShardHost:
     def _write(self, kb: bytes, ab: bytes | None, vb: bytes, ckpt: bytes | None = None,
                ttl_s: float | None = None) -> None:
         with self._lease_cond:
+            if self.slots.checked:
+                self.slots.check((kb,))
             self._admit(kb)
             if self._leases:
                 self._wait_unleased((kb,))
@@ -321,6 +344,8 @@ class ShardHost:
 
     def _delete(self, kb: bytes, ab: bytes | None) -> None:
         with self._lease_cond:
+            if self.slots.checked:
+                self.slots.check((kb,))
             self._admit(kb)
             if self._leases:
                 self._wait_unleased((kb,))
@@ -328,18 +353,24 @@ class ShardHost:
 
     def _get(self, kb: bytes, ab: bytes | None) -> bytes | None:
         with self._lease_cond:
+            if self.slots.checked:
+                self.slots.check((kb,))
             if self._leases:
                 self._wait_unleased((kb,))
             return self.core.read_stored(kb, ab)
 
     def _invalidate(self, kb: bytes) -> bool:
         with self._lease_cond:
+            if self.slots.checked:
+                self.slots.check((kb,))
             if self._leases:
                 self._wait_unleased((kb,))
             return self.core.invalidate(kb)
 
     def _write_many(self, items: list[list[Any]], ckpt: bytes | None = None) -> int:
         with self._lease_cond:
+            if self.slots.checked:  # all or nothing: a refused batch applies no item
+                self.slots.check([item[0] for item in items])
             self._admit()
             if self._leases:
                 self._wait_unleased([item[0] for item in items])
@@ -361,6 +392,8 @@ class ShardHost:
             fn = cloudpickle.loads(fn_blob)
             self.core.register_function(digest, fn)
         with self._lease_cond:
+            if self.slots.checked:
+                self.slots.check((kb,))
             self._admit(kb)
             return self.core.update(kb, ab, fn, guard=self._guard((kb,)))
 
@@ -381,8 +414,69 @@ class ShardHost:
             raise LookupError(f"shard {self.index}: no update function named {name!r}; "
                               f"registered: {known}")
         with self._lease_cond:
+            if self.slots.checked:
+                self.slots.check((kb,))
             self._admit(kb)
             return self.core.update(kb, ab, fn, guard=self._guard((kb,)))
+
+    # -- resharding -------------------------------------------------------------------------
+    def _refuse_leaving(self, kbs: Any) -> None:
+        """For a LEASE: refuse keys of slots not owned, or about to be given away."""
+        self.slots.check(kbs)
+        leaving = self._leaving
+        if leaving:
+            for kb in kbs:
+                slot = slot_of(kb)
+                if slot in leaving:
+                    raise MovedError(self.index, self.slots.epoch, slot)
+
+    def release_slots(self, slots: list[int], epoch: int, lease_wait_s: float = 30.0) -> int:
+        """Give ``slots`` away (a reshard moves them to another shard): refuse new leases on
+        them and wait for the held ones to come back (recalled, as for any other client),
+        then refuse every request on them, flush, drop their cached entries and journal
+        the new map. Returns the keys dropped. If the flush fails (a store is down), the
+        slots stay this shard's and FlushError is raised: nothing moved."""
+        moving = set(slots)
+        if self.journal is None:
+            raise ValueError(f"shard {self.index}: resharding needs the journal (a restarted "
+                             "shard learns which slots it owns from it)")
+        with self._lease_cond:
+            dead = [d for d in self.core.dead_letters() if slot_of(d["kb"]) in moving] \
+                if self.core._dead else []
+            if dead:
+                raise ValueError(f"shard {self.index}: {len(dead)} dead letter(s) on slots "
+                                 "being moved; retry or discard them first")
+            self._leaving = moving
+            try:
+                held = [kb for kb in self._leases if slot_of(kb) in moving]
+                if held:  # recalled like any other client's access; expired at worst
+                    deadline = time.monotonic() + lease_wait_s
+                    while any(kb in self._leases for kb in held) and \
+                            time.monotonic() < deadline:
+                        self._wait_unleased([kb for kb in held if kb in self._leases])
+                before = self.slots.record()
+                self.slots.give(moving, epoch)
+                try:
+                    self.core.flush_count()  # what moves is stored: the new owner reads it
+                except BaseException:
+                    self.slots.restore(before)  # nothing moved
+                    raise
+                dropped = self.core.forget(lambda kb: slot_of(kb) in moving)
+                self.journal.append(self.slots.record())
+            finally:
+                self._leaving = set()
+        self.journal.commit()
+        return dropped
+
+    def own_slots(self, slots: list[int], epoch: int) -> None:
+        """Take ``slots`` (a reshard moved them here; their writes are stored)."""
+        with self._lease_cond:
+            self.slots.take(slots, epoch)
+            self.slots.checked = True
+            if self.journal is not None:
+                self.journal.append(self.slots.record())
+        if self.journal is not None:
+            self.journal.commit()
 
     # -- control plane ----------------------------------------------------------------------
     def address(self) -> dict[str, Any]:

@@ -76,9 +76,9 @@ class Journal:
         self.appended = 0
         # A request's records are staged per thread (``begin_request``) and appended whole.
         self._local = threading.local()
-        # Records to start each new segment with (the session table), called under the
-        # shard's lock like every append.
-        self.on_rotate: Callable[[], list[Any]] | None = None
+        # The records to start each new segment with (the session table, the slots owned),
+        # called under the shard's lock like every append.
+        self.on_rotate: Callable[[], list[list[Any]]] | None = None
         self._stop = threading.Event()
         if fsync == "interval":
             threading.Thread(target=self._sync_loop, args=(interval_s,), daemon=True,
@@ -268,7 +268,8 @@ class Journal:
             self._fd = self._open(self._seg)
             self._seg_bytes = 0
             if self.on_rotate is not None:  # what the segments going away must not take
-                self._buf += self._packer.pack(self.on_rotate())
+                for record in self.on_rotate():
+                    self._buf += self._packer.pack(record)
             return last
 
     def keep(self, upto: int) -> None:

@@ -682,6 +682,20 @@ class ShardCore:
                 self._drop(kb)
             return cached
 
+    def forget(self, which: Callable[[bytes], bool]) -> int:
+        """Drop every cached key ``which`` selects that has no pending write (a reshard
+        gives its slot away, flushed), and keep a store read of one in progress from
+        caching it; return how many entries went."""
+        with self._lock:
+            gone = [kb for kb in self._entries if which(kb) and kb not in self._dirty
+                    and kb not in self._inflight]
+            gone += [kb for kb in self._absent if which(kb) and kb not in self._entries
+                     and kb not in self._dirty and kb not in self._inflight]
+            for kb in gone:
+                self._drop(kb)
+            self._stale.update(kb for kb in self._loading if which(kb))
+            return len(gone)
+
     def invalidate_all(self) -> int:
         """Flush every pending write, then drop every entry; return how many were dropped."""
         with self._lock:

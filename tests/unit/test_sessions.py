@@ -233,7 +233,8 @@ def test_the_session_table_outlives_released_segments(tmp_path):
         sid = conn.sid
         host.sessions._table.clear()
         for record in Journal(str(tmp_path / "shard0"), "off").recovered():
-            host.sessions.replayed(record)
+            if record[0] in (REQUEST, SESSIONS):  # a segment also starts with the slot map
+                host.sessions.replayed(record)
         assert host.sessions._table[sid].last == 2
     finally:
         host.close()
