@@ -16,6 +16,8 @@ class MemoryConnector(MsgpackRowsConnector):
     Values are stored encoded, so a caller can never mutate what the "store" holds.
     """
 
+    process_local = True  # each shard has its own copy: see BaseConnector.process_local
+
     def __init__(self, id: str = "mem", initial: dict[Any, Any] | None = None) -> None:
         self.id = id
         self.state: dict[bytes, bytes] = {}

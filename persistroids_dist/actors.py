@@ -11,11 +11,13 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from .codec import NUM_SLOTS
 from .errors import PicklingRefusedError, ShardUnavailableError, ShutdownError
 from .host import ShardHost, _unpickle_checkpoint
 from .replica import Backup, ReplicaDeposedError
@@ -201,11 +203,18 @@ class Coordinator:
 
     def __init__(self, spec: dict[str, Any], shards: list[Any],
                  checkpoint_handler: Any = None,
-                 replication: dict[str, Any] | None = None) -> None:
+                 making: dict[str, Any] | None = None) -> None:
         self._spec = spec
         self._shards = list(shards)
         self._handler = checkpoint_handler
+        # How to start a shard (connectors, options, secret, actor options): for backups
+        # (``replicas``) and for the shards a reshard adds.
+        self._making = making
+        replication = making if making and making.get("replicas") else None
         self._replication = replication
+        self._epoch_changed = threading.Condition()
+        self._reshard_lock = threading.Lock()
+        self._leftover: list[Any] = []  # shards a shrink retired (see ``reshard``)
         n = len(self._shards)
         self._lock = threading.RLock()
         self._primary_nodes: list[str | None] = [a.get("node_id") for a in spec.addresses]
@@ -368,6 +377,139 @@ class Coordinator:
     def spec(self) -> dict[str, Any]:
         return self._spec
 
+    def spec_at(self, min_epoch: int, timeout_s: float = 300.0) -> Any:
+        """The spec once its slot table's epoch is ``min_epoch`` or later: a client whose
+        request a shard refused as moved waits here while the reshard finishes."""
+        deadline = time.monotonic() + timeout_s
+        with self._epoch_changed:
+            while self._spec.epoch < min_epoch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no slot table of epoch {min_epoch} after "
+                                       f"{timeout_s:g} s (now {self._spec.epoch})")
+                self._epoch_changed.wait(left)
+            return self._spec
+
+    # -- resharding -------------------------------------------------------------------------
+    def reshard(self, num_shards: int) -> dict[str, Any]:
+        """Move slot ranges so that ``num_shards`` shards serve the cache (see
+        ``Cache.reshard``): start the shards a grow adds (owning nothing yet), have every
+        shard that loses slots give them away (each flushes them first), give them to
+        their new owners, publish the new table (clients waiting in ``spec_at`` get it),
+        then close the shards a shrink retires. If a shard cannot give its slots away (a
+        store is down, the shard is gone), the ones that did take theirs back, the new
+        shards go, and this raises: the cache stays as it was."""
+        from .pool import slot_table  # the client's table: one definition
+
+        if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+            raise ValueError(f"num_shards must be a positive int, got {num_shards!r}")
+        with self._reshard_lock:
+            old_n = len(self._shards)
+            if num_shards == old_n:
+                return {"epoch": self._spec.epoch, "num_shards": old_n, "moved_slots": 0}
+            making = self._making
+            if making is None or not making["options"].get("journal"):
+                raise ValueError("resharding needs the journal (a restarted shard learns "
+                                 "from it which slots it owns)")
+            local = [c.get_id() for c in making["connectors"]
+                     if getattr(c, "process_local", False)]
+            if local:
+                raise ValueError(
+                    f"resharding hands slots over through the stores, and {local} keep(s) "
+                    "what each shard flushed in that shard's own process (no other shard "
+                    "can read it): use a shared store (SQLite, PostgreSQL, Redis, files)")
+            epoch = self._spec.epoch + 1
+            old, new = slot_table(old_n), slot_table(num_shards)
+            load: dict[str, int] = {}
+            for node in [*self._primary_nodes, *self._backup_nodes]:
+                if node is not None:
+                    load[node] = load.get(node, 0) + 1
+            added = [self._start_shard(i, epoch, load) for i in range(old_n, num_shards)]
+            try:
+                addresses = ray.get([a.address.remote() for a in added], timeout=120)
+            except BaseException:
+                for a in added:
+                    ray.kill(a, no_restart=True)
+                raise
+            losing = {i: [s for s in range(len(old)) if old[s] == i and new[s] != i]
+                      for i in range(old_n)}
+            refs = {i: self._shards[i].release_slots.remote(slots, epoch)
+                    for i, slots in losing.items() if slots}
+            failed: dict[int, BaseException] = {}
+            for i, ref in refs.items():
+                try:
+                    ray.get(ref, timeout=600)
+                except Exception as e:
+                    failed[i] = e
+            if failed:
+                for i in refs:  # nothing was published: the slots go back
+                    if i not in failed:
+                        ray.get(self._shards[i].own_slots.remote(losing[i], epoch))
+                for a in added:
+                    ray.kill(a, no_restart=True)
+                raise RuntimeError("reshard aborted, nothing moved: " + "; ".join(
+                    f"shard {i}: {type(e).__name__}: {str(e).splitlines()[-1][:300]}"
+                    for i, e in failed.items()))
+            shards = (self._shards + added)[:num_shards]
+            gaining = {i: [s for s in range(len(new)) if new[s] == i and old[s] != i]
+                       for i in range(num_shards)}
+            ray.get([shards[i].own_slots.remote(slots, epoch)
+                     for i, slots in gaining.items() if slots])
+            retired = self._shards[num_shards:]
+            with self._lock:
+                retired_backups = [b for b in self._backups[num_shards:] if b is not None]
+                self._shards = shards
+                grow = [None] * max(0, num_shards - old_n)
+                self._backups = (self._backups + grow)[:num_shards]
+                self._backup_nodes = (self._backup_nodes + grow)[:num_shards]
+                self._primary_nodes = (self._primary_nodes[:old_n] + [
+                    a.get("node_id") for a in addresses])[:num_shards]
+                spec_addresses = (list(self._spec.addresses) + addresses)[:num_shards]
+            with self._epoch_changed:
+                self._spec = self._spec.replace(num_shards=num_shards, shards=list(shards),
+                                                addresses=spec_addresses, epoch=epoch)
+                self._epoch_changed.notify_all()
+            # Retired shards own nothing now (everything they had is stored) and stay up
+            # until shutdown, refusing every key as moved: a process that has not heard of
+            # this reshard yet learns of it from them, instead of meeting a dead shard.
+            self._leftover.extend(retired)
+            for actor in retired:
+                try:
+                    ray.get(actor.detach_backup.remote(), timeout=60)
+                except Exception:
+                    pass
+            for b in retired_backups:
+                try:
+                    ray.get(b.retire.remote(True), timeout=30)
+                except Exception:
+                    pass
+                ray.kill(b, no_restart=True)
+            if self._replication:
+                self.heal()
+            moved = sum(len(v) for v in losing.values())
+            log.warning("resharded %d -> %d shards (epoch %d): %d slots moved", old_n,
+                        num_shards, epoch, moved)
+            return {"epoch": epoch, "num_shards": num_shards, "moved_slots": moved}
+
+    def _start_shard(self, i: int, epoch: int, load: dict[str, int]) -> Any:
+        """A new shard ``i`` for a reshard: it owns no slot until ``own_slots``, and checks
+        every key (a client of an older table may send it keys it never owned). Placed on
+        the alive node with the fewest replicas (``load``, counted up here), pinned (as
+        ``spread`` does) when there are several."""
+        making = self._making
+        assert making is not None
+        options = {**making["options"], "slots": bytes(NUM_SLOTS), "check_slots": True,
+                   "epoch": epoch}
+        opts = {**making["actor_options"],
+                "name": f"{coordinator_name(self._spec.name)}:shard{i}.e{epoch}"}
+        alive = self._alive_nodes()
+        if len(alive) > 1 and not making.get("same_node"):
+            node = min(alive, key=lambda n: (load.get(n, 0), n))
+            load[node] = load.get(node, 0) + 1
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+        return ShardActor.options(**opts).remote(i, making["connectors"], options,
+                                                 making["secret"])
+
     def shards(self) -> list[Any]:
         return self._shards
 
@@ -439,7 +581,12 @@ class Coordinator:
                     ray.get(ref, timeout=30)
                 except Exception:
                     pass
-            for s in [*self._shards, *backups]:
+            for s in self._leftover:  # own nothing, hold nothing: closed for tidiness
+                try:
+                    ray.get(s.close.remote(), timeout=60)
+                except Exception:
+                    pass
+            for s in [*self._shards, *backups, *self._leftover]:
                 ray.kill(s)
         return out
 

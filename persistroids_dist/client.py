@@ -8,6 +8,7 @@ process sees its own writes in order (read-your-writes).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import zlib
@@ -19,12 +20,18 @@ from ray import cloudpickle  # the serializer only: no Ray calls on the data pat
 
 from . import control, protocol
 from .codec import NUM_SLOTS, decode_value, encode_key, encode_value, slot_of
-from .errors import CacheClosedError, PicklingRefusedError, ShardUnavailableError, WriteError
+from .errors import (
+    CacheClosedError,
+    MovedError,
+    PicklingRefusedError,
+    ShardUnavailableError,
+    WriteError,
+)
 from .lease import Lease
 from .near import NO_VALUE, NearCache
-from .pool import LINGER, pool_for, slot_table
+from .pool import LINGER, pool_for
 from .spec import CacheSpec
-from .transport import LinkError
+from .transport import Connection, LinkError
 
 __all__ = ["Cache", "NAMESPACE"]
 
@@ -37,6 +44,26 @@ _monotonic = time.monotonic
 def _rebuild(spec: CacheSpec, near: tuple[float, int] | None = None) -> Cache:
     return Cache(spec, near)
 
+
+
+_MAX_REROUTES = 100
+
+
+def _rerouted(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``method`` again after a shard refused it as moved (the cache was resharded):
+    the refusal applied nothing, the pool takes the new slot table (resending this
+    process's refused pipelined writes first, in order), and the call is routed again."""
+    @functools.wraps(method)
+    def call(self: Cache, *args: Any, **kwargs: Any) -> Any:
+        for _ in range(_MAX_REROUTES):
+            try:
+                return method(self, *args, **kwargs)
+            except MovedError as e:
+                if e.slot >= 0:  # else routed by a table this process replaced: again
+                    self._pool.refresh(e.epoch, force=True)
+        raise ShardUnavailableError(f"cache {self.name!r}: still routed to the wrong shard "
+                                    f"after {_MAX_REROUTES} refreshes of the slot table")
+    return call
 
 class Cache:
     """A handle on a sharded cache. Create one with ``persistroids_dist.init`` or ``connect``.
@@ -52,9 +79,7 @@ class Cache:
                  near: tuple[float, int] | None = None) -> None:
         self._spec = spec = CacheSpec.of(spec)
         self.name: str = spec.name
-        self.num_shards: int = spec.num_shards
         self._cache_key: Callable[[Any], Any] | None = spec.cache_key
-        self._table = slot_table(self.num_shards)
         self._pool = pool_for(spec)
         self._fns: dict[int, tuple[Any, bytes, bytes]] = {}
         self._near_opts = near
@@ -74,7 +99,17 @@ class Cache:
             self._near_ttl = lease_ms / 1000
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (self._spec, self._near_opts))
+        # The pool's spec: the newest slot table this process knows (after a reshard).
+        return (_rebuild, (self._pool.spec, self._near_opts))
+
+    @property
+    def num_shards(self) -> int:
+        """How many shards serve the cache now (as this process last learnt)."""
+        return self._pool.num_shards
+
+    @property
+    def _table(self) -> list[int]:
+        return self._pool.table
 
     def near(self, lease_ms: float = 50.0, max_entries: int = 100_000) -> Cache:
         """A handle whose reads are served from a near cache in this process.
@@ -121,6 +156,7 @@ class Cache:
             raise self._lost(shard, e) from e
 
     # -- reads ------------------------------------------------------------------------------
+    @_rerouted
     def read(self, args: Any, *, checkpoint: Any = _NO_CHECKPOINT) -> Any:
         """Return the value for ``args``: from the cache, else the stores (merged), else
         ``init_fn(args)``. A cached None is a hit."""
@@ -149,6 +185,7 @@ class Cache:
             near.put(kb, vb, value, sent)
         return value
 
+    @_rerouted
     def read_many(self, args_list: Iterable[Any]) -> list[Any]:
         """Read many keys with one round trip per shard (all shards in parallel)."""
         if self._cache_key is None and self._near is None and not self._pool.leases.owned:
@@ -218,6 +255,7 @@ class Cache:
         return self._pool.scatter(frames)
 
     # -- writes -----------------------------------------------------------------------------
+    @_rerouted
     def write(self, args: Any, value: Any, *, wait: bool = False,
               checkpoint: Any = _NO_CHECKPOINT, ttl_s: float | None = None) -> Any:
         """Cache ``value`` for ``args`` and buffer it for every store; return ``value``.
@@ -244,15 +282,38 @@ class Cache:
         if wait:
             self._call(shard, protocol.write(kb, ab, vb, None, ttl_s))
             return value
-        conn = self._pool.conn(shard)
-        try:
-            with conn.lock:
-                first = conn.queue_write([kb, ab, vb] if ttl_s is None else [kb, ab, vb, ttl_s])
-        except LinkError as e:
-            raise self._lost(shard, e) from e
+        item = [kb, ab, vb] if ttl_s is None else [kb, ab, vb, ttl_s]
+        conn, first = self._pipelined(kb, lambda c: c.queue_write(item))
         if first:
             LINGER.arm(conn)
         return value
+
+    def _pipelined(self, kb: bytes, send: Callable[[Connection], Any]) -> tuple[Any, Any]:
+        """``send(conn)`` on the connection to ``kb``'s shard, under its lock, routed by the
+        table current under that lock: a reshard's refresh swaps the table holding every
+        connection's lock, so a request routed by the old table never goes out after it
+        (it would overtake nothing, but could land after this process's newer writes of
+        the same key). Afterwards, requests a shard refused as moved are resent."""
+        pool = self._pool
+        while True:
+            epoch = pool.epoch
+            shard = pool.table[slot_of(kb)]
+            try:
+                conn = pool.conn(shard)
+                with conn.lock:
+                    if pool.epoch != epoch:
+                        continue
+                    out = send(conn)
+                break
+            except LinkError as e:
+                raise self._lost(shard, e) from e
+            except MovedError as e:
+                if e.slot >= 0:  # refused by the shard: the caller refreshes (_rerouted)
+                    raise
+                continue  # the shard index went with a shrink: route again
+        if conn.moved:
+            pool.refresh_if_moved()
+        return conn, out
 
     def write_many(self, items: Iterable[tuple[Any, Any]], *, ttl_s: float | None = None) -> int:
         """Write many ``(args, value)`` pairs, one round trip per shard; return the count.
@@ -261,47 +322,73 @@ class Cache:
         sent. Returns once every shard has applied its part; if a store refused some items,
         raises WriteError after the others were applied. ``ttl_s`` as for ``write``.
         """
-        groups: dict[int, list[list[Any]]] = {}
-        values: dict[int, list[Any]] = {}
         if ttl_s is not None:
             _check_ttl(ttl_s)
+        todo: list[tuple[list[Any], Any]] = []
         for args, value in items:
             kb, ab = self._encode(args)
             entry = [kb, ab, encode_value(value)]
             if ttl_s is not None:
                 entry.append(ttl_s)
-            g = groups.get(s := self._table[slot_of(kb)])
-            if g is None:
-                groups[s] = [entry]
-                values[s] = [value]
-            else:
-                g.append(entry)
-                values[s].append(value)
-        sent = _monotonic()
-        results = self._pool.scatter({s: protocol.write_many(g) for s, g in groups.items()},
-                                     errors=True)
-        near = self._pool.near
+            todo.append((entry, value))
         applied, first_error = 0, None
+        for _ in range(_MAX_REROUTES):
+            done, error, moved = self._write_many_once(todo)
+            applied += done
+            first_error = first_error or error
+            if not moved:
+                break
+            # Those shards refused their part whole (the cache was resharded): only that
+            # part goes again, by the new table; the rest was applied once.
+            todo = [pair for _, pairs in moved for pair in pairs]
+            self._pool.refresh(max(e.epoch for e, _ in moved), force=True)
+        else:
+            raise ShardUnavailableError(f"cache {self.name!r}: writes kept being refused as "
+                                        "moved")
+        if first_error is not None:
+            raise first_error
+        return applied
+
+    def _write_many_once(self, todo: list[tuple[list[Any], Any]]
+                         ) -> tuple[int, BaseException | None, list[Any]]:
+        """Send ``todo`` (``(entry, value)`` pairs), one frame per shard; return what was
+        applied, the first error, and per shard that refused as moved its error and pairs."""
+        pool = self._pool
+        while True:
+            groups: dict[int, list[tuple[list[Any], Any]]] = {}
+            for pair in todo:
+                groups.setdefault(pool.table[slot_of(pair[0][0])], []).append(pair)
+            sent = _monotonic()
+            try:
+                results = pool.scatter({s: protocol.write_many([e for e, _ in g])
+                                        for s, g in groups.items()}, errors=True)
+                break
+            except MovedError:  # a shard index a shrink took: route again
+                continue
+        near = pool.near
+        applied, first_error, moved = 0, None, []
         for s, res in results.items():
             refused: set[int] = set()
+            if isinstance(res, MovedError):
+                moved.append((res, groups[s]))
+                continue
             if isinstance(res, BaseException):
                 first_error = first_error or res
                 if not isinstance(res, WriteError):  # nothing of this shard's part is known
                     if near is not None:
-                        near.forget(e[0] for e in groups[s])
+                        near.forget(e[0] for e, _ in groups[s])
                     continue
                 refused = {i for i, _ in res.errors}
                 applied += res.applied
             else:
                 applied += res
             if near is not None:  # only what the shard applied: never a refused value
-                for i, (entry, value) in enumerate(zip(groups[s], values[s])):
+                for i, (entry, value) in enumerate(groups[s]):
                     if i not in refused:
                         near.put(entry[0], entry[2], value, sent)
-        if first_error is not None:
-            raise first_error
-        return applied
+        return applied, first_error, moved
 
+    @_rerouted
     def delete(self, args: Any, *, wait: bool = True) -> None:
         """Delete ``args``' key: from the cache at once (later reads answer as for a key no
         store has, never a store's old value) and, write-behind, from every store.
@@ -312,18 +399,13 @@ class Cache:
         kb, ab = self._encode(args)
         if self._pool.near is not None:
             self._pool.near.forget((kb,))
-        shard = self._table[slot_of(kb)]
         frame = protocol.delete(kb, ab)
         if wait:
-            self._call(shard, frame)
+            self._call(self._table[slot_of(kb)], frame)
             return
-        conn = self._pool.conn(shard)
-        try:
-            with conn.lock:
-                conn.send(frame)
-        except LinkError as e:
-            raise self._lost(shard, e) from e
+        self._pipelined(kb, lambda c: c.send(frame))
 
+    @_rerouted
     def get(self, args: Any, default: Any = None) -> Any:
         """The value of ``args`` from the cache or the stores, else ``default`` (where
         ``read`` would answer ``init_fn(args)``, or None when no store has the key)."""
@@ -331,6 +413,7 @@ class Cache:
         vb = self._call(self._table[slot_of(kb)], protocol.get(kb, ab))
         return default if vb is None else decode_value(vb)
 
+    @_rerouted
     def contains(self, args: Any) -> bool:
         """Whether ``args`` has a value in the cache or a store (``init_fn`` not applied)."""
         kb, ab = self._encode(args)
@@ -339,6 +422,7 @@ class Cache:
     def __contains__(self, args: Any) -> bool:
         return self.contains(args)
 
+    @_rerouted
     def invalidate(self, args: Any) -> bool:
         """Drop ``args`` from the cache only (a pending write of it is flushed first, never
         dropped); the next read asks the stores. Returns whether it was cached. Raises
@@ -358,6 +442,7 @@ class Cache:
         frames = dict.fromkeys(range(self.num_shards), protocol.INVALIDATE_ALL)
         return sum(self._scatter(frames).values())
 
+    @_rerouted
     def update(self, args: Any, fn: Callable[[Any], Any] | str, *, wait: bool = True) -> Any:
         """Atomically set the value of ``args`` to ``fn(value)`` inside the owning shard and
         return the new value. ``fn`` is shipped (pickled) once per process and shard, then
@@ -382,31 +467,31 @@ class Cache:
             done, value = pool.leases.update_local(kb, fn)
             if done:
                 return value if wait else None
-        shard = self._table[slot_of(kb)]
         if name is None:
             digest, blob = self._function(fn)
-        conn = pool.conn(shard)
         sent = _monotonic()
-        try:
-            with conn.lock:
-                resend = None
-                if name is not None:
-                    frame = protocol.update_named(kb, ab, name)
-                elif digest in conn.known_functions:
-                    frame = protocol.update(kb, ab, digest, None)
-                    # Resent to a restarted shard, it goes with its function.
-                    resend = partial(protocol.update, kb, ab, digest, blob)
-                else:
-                    frame = protocol.update(kb, ab, digest, blob)
-                if wait:
-                    vb = conn.call(frame, resend)
-                else:
-                    # Later frames on this connection find fn registered.
-                    conn.send(frame, 1, resend)
-                if name is None:
-                    conn.known_functions.add(digest)
-        except LinkError as e:
-            raise self._lost(shard, e) from e
+
+        def send(conn: Connection) -> Any:
+            resend = None
+            if name is not None:
+                frame = protocol.update_named(kb, ab, name)
+            elif digest in conn.known_functions:
+                frame = protocol.update(kb, ab, digest, None)
+                # Resent to a restarted shard, it goes with its function.
+                resend = partial(protocol.update, kb, ab, digest, blob)
+            else:
+                frame = protocol.update(kb, ab, digest, blob)
+            vb = None
+            if wait:
+                vb = conn.call(frame, resend)
+            else:
+                # Later frames on this connection find fn registered.
+                conn.send(frame, 1, resend)
+            if name is None:
+                conn.known_functions.add(digest)
+            return vb
+
+        _, vb = self._pipelined(kb, send)
         if not wait:
             if pool.near is not None:
                 pool.near.entries.pop(kb, None)
@@ -417,6 +502,7 @@ class Cache:
         return value
 
     # -- exclusive leases -------------------------------------------------------------------
+    @_rerouted
     def lease(self, *args_list: Any, ttl_ms: float = 5000.0) -> Lease:
         """Own ``args_list``'s keys exclusively, as a CPU core owns a cache line.
 
@@ -450,6 +536,19 @@ class Cache:
         return digest, blob
 
     # -- control ----------------------------------------------------------------------------
+    def reshard(self, num_shards: int) -> dict[str, Any]:
+        """Grow or shrink the cache to ``num_shards`` shards while it runs, by moving slot
+        ranges (keys never rehash). Each shard that gives slots away flushes them first, so
+        their new owner starts with them stored; clients keep working: a request routed by
+        the old table is refused unapplied, and the client takes the new table and sends it
+        again (this process's pipelined writes keep their order). Needs the journal. If a
+        store is down (a shard cannot flush what it gives away), nothing moves and this
+        raises. Held exclusive leases on moving keys are recalled first. Returns
+        ``{"epoch", "num_shards", "moved_slots"}``."""
+        out = control.reshard(self._pool.spec, num_shards)
+        self._pool.refresh(out["epoch"], force=True)
+        return out
+
     def sync(self) -> None:
         """Wait until every write this process pipelined has been applied by its shard;
         raise the first error a shard reported for one of them."""

@@ -80,6 +80,10 @@ class BaseConnector:
     """
 
     id: str = "base"
+    #: True for a store that lives in the shard's own process (each shard has its own, as
+    #: ``MemoryConnector``): what one shard flushed, no other can read. Resharding, which
+    #: hands a slot to its new owner through the stores, refuses such a cache.
+    process_local: bool = False
     # Whether the fast path stands for this class's own read/read_many/write (set per
     # subclass by __init_subclass__; see ``reader``, ``encoded_reader``, ``writer``).
     _own_read_many = False

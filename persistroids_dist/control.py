@@ -279,16 +279,15 @@ def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict
                           ray.get_runtime_context().get_node_id(), soft=False)}
         if detached:
             coord_opts["lifetime"] = "detached"
-        replication = None
-        if replicas:
-            # Threaded: a primary asking about its lost backup must get an answer while
-            # the coordinator waits on another shard.
-            coord_opts["max_concurrency"] = 16
-            replication = {"connectors": connectors, "options": options, "secret": secret,
-                           "actor_options": {**actor_opts, **(shard_options or {})},
-                           "same_node": placement == "pack"}
+        # Threaded: a primary asking about its lost backup, or a client waiting for a
+        # reshard's table, must get an answer while the coordinator waits on a shard.
+        coord_opts["max_concurrency"] = 16
+        # What it needs to start shards itself (backups, a reshard's new shards).
+        making = {"connectors": connectors, "options": options, "secret": secret,
+                  "actor_options": {**actor_opts, **(shard_options or {})},
+                  "same_node": placement == "pack", "replicas": replicas}
         coordinator = Coordinator.options(**coord_opts).remote(spec, shards, checkpoint_handler,
-                                                               replication)
+                                                               making)
         get(coordinator.spec.remote())  # fail here, not later, if it cannot start
         if replicas:
             missing = [r["shard"] for r in get(coordinator.heal.remote())
@@ -394,6 +393,18 @@ def _route(spec: CacheSpec, shard: int, deadline: float) -> dict[str, Any]:
                 f"{spec.shard_wait_s:g} s (last: {_first_line(last)})") from None
         time.sleep(delay)
         delay = min(delay * 2, 0.5)
+
+
+def spec_at(spec: CacheSpec, min_epoch: int) -> CacheSpec:
+    """The cache's spec once its slot table is of epoch ``min_epoch`` or later (a reshard
+    running now publishes it when its slots have moved)."""
+    fresh = CacheSpec.of(get(spec.coordinator.spec_at.remote(min_epoch)))
+    return fresh.replace(coordinator=spec.coordinator)
+
+
+def reshard(spec: CacheSpec, num_shards: int) -> dict[str, Any]:
+    """Run the coordinator's reshard to ``num_shards`` shards (see ``Coordinator.reshard``)."""
+    return get(spec.coordinator.reshard.remote(num_shards))
 
 
 def flush_all(spec: CacheSpec, checkpoint_blob: bytes | None) -> Any:

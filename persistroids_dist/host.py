@@ -503,6 +503,12 @@ class ShardHost:
                                                                          else "")
         return link.transport
 
+    def detach_backup(self) -> None:
+        """Stop mirroring to the backup (a reshard retired this shard: it holds nothing)."""
+        if self.journal is not None:
+            self.journal.detach_mirror()
+        self.backup = None
+
     def _mirror_lost(self, error: BaseException) -> None:
         """The backup stopped answering. Here (no Ray): go on without one. The Ray actor
         asks the coordinator, which may say this shard was deposed (its backup promoted)."""

@@ -9,16 +9,20 @@ import time
 from collections import deque
 from typing import Any
 
+import msgpack
+
 from . import control
 from .codec import NUM_SLOTS, slot_of
 from .errors import (
     AuthenticationError,
     CacheClosedError,
+    MovedError,
     ShardUnavailableError,
     UnacknowledgedWritesError,
 )
 from .lease import Ownership
 from .near import NearCache
+from .protocol import Op
 from .spec import CacheSpec
 from .transport import Connection, LinkError
 
@@ -41,13 +45,21 @@ class Pool:
         self.closed = False
         self.near: NearCache | None = None
         self.table = slot_table(spec.num_shards)
+        self.epoch = spec.epoch  # the table's: a reshard makes a new one (``refresh``)
+        self.refresh_lock = threading.Lock()
         self.leases = Ownership(self)
         # Per shard, writes sent on a connection that broke before answering them; and errors
         # reported for pipelined writes on such a connection. ``sync()`` raises them.
         self.lost: dict[int, int] = {}
         self.lost_errors: list[BaseException] = []
 
+    @property
+    def num_shards(self) -> int:
+        return len(self.conns)
+
     def conn(self, shard: int) -> Connection:
+        if shard >= len(self.conns):  # routed by a table a reshard just replaced: again
+            raise MovedError(shard, self.epoch, -1)
         c = self.conns[shard]
         if c is not None and not c.closed:
             return c
@@ -102,7 +114,7 @@ class Pool:
         if n:
             self.lost[shard] = self.lost.get(shard, 0) + n
         self.lost_errors.extend(e for e in c.deferred if not isinstance(e, ConnectionError))
-        c.queue, c.inflight, c.deferred = [], deque(), []
+        c.queue, c.inflight, c.deferred, c.moved = [], deque(), [], []
 
     def raise_lost(self) -> None:
         """Raise, once, what ``drop`` recorded: UnacknowledgedWritesError naming every shard
@@ -168,9 +180,105 @@ class Pool:
             for c in held:
                 c.lock.release()
 
+    # -- resharding ------------------------------------------------------------------------
+    def refresh_if_moved(self) -> None:
+        """If a shard refused pipelined requests of this process (the cache was resharded),
+        take the new table and resend them (see ``refresh``)."""
+        epoch = max((c.moved_epoch for c in self.conns if c is not None and c.moved),
+                    default=0)
+        if epoch:
+            self.refresh(max(epoch, self.epoch + 1) if epoch <= self.epoch else epoch,
+                         force=True)
+
+    def refresh(self, min_epoch: int, force: bool = False) -> None:
+        """Take the cache's slot table of epoch ``min_epoch`` or later from its coordinator
+        (waiting while a reshard publishes it), and switch to it without reordering this
+        process's writes: every connection's lock is taken (index order, as ``scatter``
+        does), every connection drained (pipelined requests refused as moved are collected,
+        in order), the table swapped, the refused requests resent by it, then the locks
+        released. Write paths check the epoch again under their connection's lock, so none
+        sends by the old table after the swap. ``force``: resend refused requests even if
+        the table is current already."""
+        with self.refresh_lock:
+            if self.epoch >= min_epoch and not force:
+                return
+            spec = self.spec
+            if self.epoch < min_epoch:
+                spec = control.spec_at(self.spec, min_epoch)
+            n = spec.num_shards
+            with self.lock:
+                old = list(self.conns)
+            held = [c for c in old if c is not None]
+            for c in held:
+                c.lock.acquire()
+            fresh: list[Connection] = []
+            try:
+                moved: list[list[Any]] = []
+                for shard, c in enumerate(old):
+                    if c is None or c.closed:
+                        continue
+                    try:
+                        c.send_queue()
+                        c._drain()
+                    except LinkError:
+                        self._retire(shard, c)  # counted as unacknowledged, as ever
+                        c.close()
+                        continue
+                    moved.extend(c.moved)
+                    c.moved, c.moved_epoch = [], 0
+                with self.lock:
+                    self.spec = spec
+                    self.addresses = list(spec.addresses)
+                    self.conns = (old + [None] * n)[:n]
+                    for c in old[n:]:  # shards a shrink retired: everything is answered
+                        if c is not None:
+                            c.close()
+                    self.table = slot_table(n)
+                    self.epoch = spec.epoch
+                # Resend what was refused, by the new table, before any other thread can
+                # send by it: the connections it goes to are held (new ones are made and
+                # taken here first).
+                for shard, frame, writes, resend in self._rerouted(moved):
+                    c = self.conns[shard]
+                    if c is None or c.closed:
+                        c = self.conns[shard] = self._open(shard)
+                    if c not in held and c not in fresh:
+                        c.lock.acquire()
+                        fresh.append(c)
+                    c.send(frame, writes, resend)
+            finally:
+                for c in held + fresh:
+                    c.lock.release()
+
+    def _rerouted(self, entries: list[list[Any]]) -> Any:
+        """``(shard, frame, writes, resend)`` per request to resend for refused ``entries``
+        (``Connection.inflight`` records), by the current table: a batch of writes is split
+        by shard, in order; any other request goes whole, where its key belongs now."""
+        for writes, frame, _, resend in entries:
+            req = msgpack.unpackb(frame, raw=False)
+            if req[0] == Op.WRITE_MANY:
+                by_shard: dict[int, list[Any]] = {}
+                for item in req[1]:
+                    by_shard.setdefault(self.table[slot_of(item[0])], []).append(item)
+                for shard, items in by_shard.items():  # a checkpoint state goes with each
+                    yield shard, msgpack.packb([Op.WRITE_MANY, items, *req[2:]]), len(items), \
+                        None
+            else:  # an update's function goes with it: the new shard may not know it
+                yield self.table[slot_of(req[1])], resend() if resend else frame, writes, None
+
     def sync(self) -> None:
         """Wait until every write this process pipelined was answered; raise
-        UnacknowledgedWritesError if a shard was lost before answering some of them."""
+        UnacknowledgedWritesError if a shard was lost before answering some of them. Writes
+        a shard refused because the cache was resharded are resent where they belong."""
+        for _ in range(100):
+            self._sync_once()
+            if not any(c is not None and c.moved for c in self.conns):
+                return
+            self.refresh_if_moved()
+        raise ShardUnavailableError(f"cache {self.spec.name!r}: writes kept being refused as "
+                                    "moved after 100 refreshes of the slot table")
+
+    def _sync_once(self) -> None:
         first: BaseException | None = None
         for shard, conn in enumerate(self.conns):
             if conn is None:

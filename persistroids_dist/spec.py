@@ -48,6 +48,7 @@ class CacheSpec:
     shard_wait_s: float = 30.0  # how long a call waits for a restarting shard
     allow_pickle: bool = True
     replicas: int = 0  # backups per shard (0 or 1); with 1, the coordinator routes
+    epoch: int = 0  # of the slot table (slot_table(num_shards)); a reshard makes a new one
     functions: dict[str, Callable[[Any], Any]] = field(default_factory=dict, repr=False)
     tls: TLSConfig | None = None
 

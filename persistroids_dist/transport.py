@@ -37,7 +37,7 @@ import msgpack
 
 from . import protocol
 from .codec import _ext_hook
-from .errors import AuthenticationError, RemoteError, UnacknowledgedWritesError
+from .errors import AuthenticationError, MovedError, RemoteError, UnacknowledgedWritesError
 from .protocol import SEQUENCED, Op
 from .tls import TLSConfig, client_context, describe, server_context
 
@@ -503,6 +503,11 @@ class Connection:
         # a function making the frame to resend in its place].
         self.inflight: deque[list[Any]] = deque()
         self.deferred: list[BaseException] = []
+        # Pipelined requests a shard refused because the cache was resharded (MovedError:
+        # nothing of them applied), in order, as inflight entries; the pool resends them by
+        # the new table (``Pool.refresh``). ``moved_epoch``: the newest epoch they named.
+        self.moved: list[list[Any]] = []
+        self.moved_epoch = 0
         self.known_functions: set[bytes] = set()
         self.closed = False
         self.secret = secret
@@ -758,7 +763,12 @@ class Connection:
         while self.unacked > keep:
             status, result = self._recv_answer()
             if status:
-                self._defer(pickle.loads(result))
+                error = pickle.loads(result)
+                if type(error) is MovedError:  # refused whole: resent by the new table
+                    self.moved.append(self._answered)
+                    self.moved_epoch = max(self.moved_epoch, error.epoch)
+                else:
+                    self._defer(error)
 
     def _defer(self, error: BaseException) -> None:
         deferred = self.deferred
@@ -773,7 +783,8 @@ class Connection:
     def unaccounted(self) -> int:
         """Writes queued or sent here whose answer never came: after a broken connection,
         each may or may not have been applied."""
-        return len(self.queue) + sum(e[0] for e in self.inflight)
+        return len(self.queue) + sum(e[0] for e in self.inflight) + \
+            sum(e[0] for e in self.moved)
 
     def sync(self) -> None:
         """Wait until every pipelined request was applied; raise the first deferred error."""

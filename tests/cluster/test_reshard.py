@@ -1,0 +1,224 @@
+"""Resharding a running cache (``cache.reshard(n)``): slot ranges move, flushed first, while
+writers in this process and in Ray tasks (other processes, with tables of their own) keep
+going. The final contents must equal a model of what was acknowledged, and counters must be
+exact: no write lost, none applied twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import random
+import threading
+import time
+import uuid
+
+import pytest
+import ray
+from linearizability import Recorder, check
+from test_histories import barrier, do_plain_op, final_reads, zero
+
+import persistroids_dist as pd
+from persistroids_dist.connectors.redis import RedisConnector
+from persistroids_dist.connectors.sqlite import SQLiteConnector
+from persistroids_dist.connectors.testing import PrivateRedis
+
+BUMP = functools.partial(operator.add, 1)
+
+
+class Writers:
+    """Writer threads in this process: acknowledged unique keys (``write(wait=True)``),
+    pipelined batches confirmed by ``sync()``, and counters bumped by ``update``."""
+
+    def __init__(self, cache: pd.Cache, tag: str) -> None:
+        self.cache, self.tag = cache, tag
+        self.stop = threading.Event()
+        self.acked: dict[str, int] = {}
+        self.counts = [0, 0, 0]
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=f) for f in
+                        (self._unique, self._pipelined, self._counters)]
+
+    def __enter__(self) -> Writers:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)
+
+    def _guard(self, fn, *args) -> bool:
+        try:
+            fn(*args)
+            return True
+        except Exception as e:  # every error is a finding: the test expects none
+            self.errors.append(f"{type(e).__name__}: {e}"[:300])
+            return False
+
+    def _unique(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            k = f"{self.tag}u{i}"
+            if self._guard(functools.partial(self.cache.write, k, i, wait=True)):
+                self.acked[k] = i
+            i += 1
+
+    def _pipelined(self) -> None:
+        b = 0
+        while not self.stop.is_set():
+            batch = {f"{self.tag}p{b}.{j}": b for j in range(50)}
+            for k, v in batch.items():
+                self.cache.write(k, v)
+            if self._guard(self.cache.sync):
+                self.acked.update(batch)
+            b += 1
+
+    def _counters(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            c = i % 3
+            if self._guard(self.cache.update, f"{self.tag}c{c}", BUMP):
+                self.counts[c] += 1
+            i += 1
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def remote_writer(cache: pd.Cache, tag: str, seconds: float) -> dict:
+    """The same writers in another process, which learns of the reshards on its own."""
+    with Writers(cache, tag) as w:
+        time.sleep(seconds)
+    return {"acked": w.acked, "counts": w.counts, "errors": w.errors,
+            "epoch": cache._pool.epoch, "num_shards": cache.num_shards}
+
+
+def check_model(cache: pd.Cache, acked: dict[str, int], counters: dict[str, int]) -> None:
+    keys = sorted(acked)
+    values = cache.read_many(keys)
+    lost = [k for k, v in zip(keys, values, strict=True) if v != acked[k]]
+    assert not lost, f"{len(lost)} of {len(keys)} acknowledged writes lost: {lost[:5]}"
+    names = sorted(counters)
+    assert cache.read_many(names) == [counters[n] for n in names]
+
+
+def test_grow_2_to_5_and_shrink_5_to_3_under_concurrent_writers(make_cache, tmp_path):
+    cache = make_cache([SQLiteConnector(tmp_path / "store.db")], num_shards=2,
+                       journal=tmp_path / "journal", init_fn=zero,
+                       writes_threshold=10**6, millis_threshold=600_000)
+    for i in range(500):
+        cache.write(f"seed{i}", i)
+    cache.sync()
+    remote = remote_writer.remote(cache, "r", 6.0)
+    with Writers(cache, "d") as w:
+        time.sleep(1.0)
+        grown = cache.reshard(5)
+        assert cache.num_shards == 5 and grown["num_shards"] == 5
+        time.sleep(1.5)
+        shrunk = cache.reshard(3)
+        assert cache.num_shards == 3 and shrunk["epoch"] == grown["epoch"] + 1
+        time.sleep(1.0)
+    r = ray.get(remote, timeout=120)
+    assert not w.errors and not r["errors"], (w.errors + r["errors"])[:5]
+    assert r["epoch"] == shrunk["epoch"] and r["num_shards"] == 3  # it learnt both
+    assert len(w.acked) > 1000 and len(r["acked"]) > 500 and sum(w.counts) > 100
+    acked = {**{f"seed{i}": i for i in range(500)}, **w.acked, **r["acked"]}
+    counters = {f"dc{c}": n for c, n in enumerate(w.counts)}
+    counters.update({f"rc{c}": n for c, n in enumerate(r["counts"])})
+    check_model(cache, acked, counters)
+    assert len(cache.metrics()["shards"]) == 3
+    # And the store holds the same: no shard that gave a slot away flushed an old value of
+    # it over its new owner's (read back with the cache emptied).
+    cache.flush_now()
+    cache.invalidate_all()
+    check_model(cache, acked, counters)
+
+
+def test_resharding_refuses_what_it_cannot_do_and_says_why(make_cache, tmp_path):
+    mem = make_cache(num_shards=2)  # MemoryConnector: each shard's store is its own
+    with pytest.raises(ValueError, match="shared store"):
+        mem.reshard(3)
+    nojournal = make_cache([SQLiteConnector(tmp_path / "a.db")], journal=False)
+    with pytest.raises(ValueError, match="journal"):
+        nojournal.reshard(3)
+    ok = make_cache([SQLiteConnector(tmp_path / "b.db")], journal=tmp_path / "j")
+    with pytest.raises(ValueError, match="num_shards"):
+        ok.reshard(0)
+    assert ok.reshard(2) == {"epoch": 0, "num_shards": 2, "moved_slots": 0}
+
+
+def test_a_reshard_whose_shards_cannot_flush_moves_nothing(make_cache, tmp_path):
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    try:
+        cache = make_cache([RedisConnector(server.url, prefix=f"{uuid.uuid4().hex[:6]}:")],
+                           num_shards=2, journal=tmp_path / "journal", init_fn=zero,
+                           writes_threshold=10**6, millis_threshold=600_000)
+        for i in range(200):
+            cache.write(f"k{i}", i)
+        cache.update("n", BUMP)
+        cache.sync()
+        server.stop()
+        with pytest.raises(Exception, match="reshard aborted, nothing moved"):
+            cache.reshard(4)
+        assert cache.num_shards == 2
+        # Still the two shards, everything still there (pending, in their journals).
+        assert cache.read_many([f"k{i}" for i in range(200)]) == list(range(200))
+        assert cache.update("n", BUMP) == 2
+        server.start()
+        assert cache.reshard(4)["num_shards"] == 4
+        assert cache.read_many([f"k{i}" for i in range(200)]) == list(range(200))
+        assert cache.update("n", BUMP) == 3
+    finally:
+        server.stop()
+
+
+@ray.remote(num_cpus=0.5, max_retries=0)
+def history_worker(cache, worker, keys, seed, tag):
+    """Random ops on ``keys`` until the driver says stop (at most 20,000)."""
+    rng = random.Random(seed)
+    rec = Recorder(worker)
+    errors = []
+    barrier(cache, tag, 4)
+    for i in range(20_000):
+        if i % 50 == 0 and cache.read(("stop", tag)):
+            break
+        try:
+            do_plain_op(cache, rec, rng, keys, i)
+        except Exception as e:  # stays of unknown outcome in the history
+            errors.append(f"{type(e).__name__}: {e}"[:300])
+    return rec.ops, errors
+
+
+def test_histories_during_reshards_are_linearizable(make_cache, tmp_path):
+    cache = make_cache([SQLiteConnector(tmp_path / "store.db")], num_shards=2,
+                       journal=tmp_path / "journal", init_fn=zero)
+    keys = [f"h{i}" for i in range(6)]
+    tag = uuid.uuid4().hex
+    refs = [history_worker.remote(cache, w, keys, 900 + w, tag) for w in range(4)]
+    deadline = time.monotonic() + 60
+    while cache.read(("barrier", tag)) < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    before = [cache.shard_of(k) for k in keys]
+    time.sleep(0.2)
+    started = time.monotonic()
+    cache.reshard(4)
+    time.sleep(0.3)
+    cache.reshard(3)
+    ended = time.monotonic()
+    time.sleep(0.3)
+    cache.write(("stop", tag), 1, wait=True)
+    results = ray.get(refs, timeout=300)
+    history = [op for ops, _ in results for op in ops]
+    errors = [e for _, errs in results for e in errs]
+    assert not errors, errors[:5]
+    assert [cache.shard_of(k) for k in keys] != before  # keys did move
+    # The histories cover the reshards: ops before, during and after them.
+    spans = (sum(op.call < started for op in history),
+             sum(started <= op.call <= ended for op in history),
+             sum(op.call > ended for op in history))
+    assert min(spans) >= 100, spans
+    history += final_reads(cache, keys)
+    res = check(history, initial=0)
+    assert res.ok, res.explain()
