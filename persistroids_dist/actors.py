@@ -431,6 +431,17 @@ class Coordinator:
                 for a in added:
                     ray.kill(a, no_restart=True)
                 raise
+            if added:
+                # The new shards join the lists now (owning nothing, and not in the spec yet),
+                # so that with replicas they are backed up before they own a slot.
+                with self._lock:
+                    self._shards = self._shards + added
+                    self._primary_nodes = self._primary_nodes[:old_n] + [
+                        a.get("node_id") for a in addresses]
+                    self._backups = self._backups + [None] * len(added)
+                    self._backup_nodes = self._backup_nodes + [None] * len(added)
+                if self._replication:
+                    self.heal()
             losing = {i: [s for s in range(len(old)) if old[s] == i and new[s] != i]
                       for i in range(old_n)}
             refs = {i: self._shards[i].release_slots.remote(slots, epoch)
@@ -442,28 +453,38 @@ class Coordinator:
                 except Exception as e:
                     failed[i] = e
             if failed:
-                for i in refs:  # nothing was published: the slots go back
-                    if i not in failed:
-                        ray.get(self._shards[i].own_slots.remote(losing[i], epoch))
-                for a in added:
+                # Nothing was published: every shard asked takes its slots back (one that
+                # failed may have given them away before it failed: own_slots is idempotent).
+                for i in refs:
+                    try:
+                        ray.get(self._shards[i].own_slots.remote(losing[i], epoch),
+                                timeout=120)
+                    except Exception as e:
+                        log.error("reshard abort: shard %d could not take its slots back: "
+                                  "%s", i, e)
+                with self._lock:
+                    dropped = self._backups[old_n:]
+                    self._shards = self._shards[:old_n]
+                    self._primary_nodes = self._primary_nodes[:old_n]
+                    self._backups = self._backups[:old_n]
+                    self._backup_nodes = self._backup_nodes[:old_n]
+                for a in [*added, *(b for b in dropped if b is not None)]:
                     ray.kill(a, no_restart=True)
                 raise RuntimeError("reshard aborted, nothing moved: " + "; ".join(
                     f"shard {i}: {type(e).__name__}: {str(e).splitlines()[-1][:300]}"
                     for i, e in failed.items()))
-            shards = (self._shards + added)[:num_shards]
+            shards = self._shards[:num_shards]
             gaining = {i: [s for s in range(len(new)) if new[s] == i and old[s] != i]
                        for i in range(num_shards)}
             ray.get([shards[i].own_slots.remote(slots, epoch)
                      for i, slots in gaining.items() if slots])
-            retired = self._shards[num_shards:]
             with self._lock:
+                retired = self._shards[num_shards:]
                 retired_backups = [b for b in self._backups[num_shards:] if b is not None]
                 self._shards = shards
-                grow = [None] * max(0, num_shards - old_n)
-                self._backups = (self._backups + grow)[:num_shards]
-                self._backup_nodes = (self._backup_nodes + grow)[:num_shards]
-                self._primary_nodes = (self._primary_nodes[:old_n] + [
-                    a.get("node_id") for a in addresses])[:num_shards]
+                self._backups = self._backups[:num_shards]
+                self._backup_nodes = self._backup_nodes[:num_shards]
+                self._primary_nodes = self._primary_nodes[:num_shards]
                 spec_addresses = (list(self._spec.addresses) + addresses)[:num_shards]
             with self._epoch_changed:
                 self._spec = self._spec.replace(num_shards=num_shards, shards=list(shards),

@@ -233,8 +233,9 @@ class Cache:
         args, no near cache, no key leased here (a lease taken meanwhile is recalled by its
         shard, so the answer is still current)."""
         table, crc32 = self._table, zlib.crc32
-        idxs: list[list[int]] = [[] for _ in range(self.num_shards)]
-        kbss: list[list[bytes]] = [[] for _ in range(self.num_shards)]
+        n = table[-1] + 1  # this table's shard count (a reshard may swap both meanwhile)
+        idxs: list[list[int]] = [[] for _ in range(n)]
+        kbss: list[list[bytes]] = [[] for _ in range(n)]
         count = 0
         for i, args in enumerate(args_list):
             kb = encode_key(args)

@@ -16,6 +16,7 @@ import time
 import pytest
 
 import persistroids_dist as pd
+from persistroids_dist.connectors.sqlite import SQLiteConnector
 
 
 def replicas(cache: pd.Cache, detail: bool = False) -> list[dict]:
@@ -113,3 +114,21 @@ def test_a_killed_primary_restarts_and_takes_its_backup_back(backed):
     for _ in range(99):
         cache.update("n", lambda v: v + 1)
     assert cache.read("n") == 400
+
+
+def test_a_reshard_backs_up_the_shards_it_adds(backed, tmp_path):
+    cache = backed(connectors=[SQLiteConnector(tmp_path / "store.db")])
+    for i in range(300):
+        cache.write(i, i)
+    cache.update("n", lambda v: v + 1)
+    cache.sync()
+    cache.reshard(4)
+    reps = replicas(cache)
+    assert len(reps) == 4 and all(r["backup_node"] is not None for r in reps)
+    assert all(m["backed_up"] for m in cache.metrics()["shards"])
+    assert cache.read_many(list(range(300))) == list(range(300))
+    assert cache.update("n", lambda v: v + 1) == 2
+    cache.reshard(2)
+    assert len(replicas(cache)) == 2
+    assert cache.read_many(list(range(300))) == list(range(300))
+    assert cache.update("n", lambda v: v + 1) == 3
