@@ -23,6 +23,7 @@ def scenario(path: str) -> dict:
     """Run the scenario at ``path`` in a process of its own (with its own Ray); its result."""
     tests = os.path.dirname(os.path.dirname(__file__))
     pythonpath = os.pathsep.join([tests, os.path.dirname(SCENARIO),
+                                  os.path.join(tests, "cluster"),
                                   os.environ.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, path], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": pythonpath})
@@ -123,3 +124,22 @@ def test_histories_through_a_node_loss_with_replicas_are_linearizable(ray_sessio
     assert out["ops"] >= 4 * 1000
     assert out["before_loss"] >= 100 and out["after_loss_on_lost_shards"] >= 300, out
     assert out["ok"], out["explain"]
+
+
+RESHARD = os.path.join(os.path.dirname(SCENARIO), "reshard_scenario.py")
+
+
+def test_resharding_on_three_nodes_loses_nothing_and_stays_linearizable(ray_session):
+    # Grow 2 -> 5 and shrink 5 -> 3 (replicas=1) while writer threads here and a writer task
+    # on each other node go on; then histories from a worker on each node across a reshard.
+    out = scenario(RESHARD)
+    assert (out["grown"]["num_shards"], out["shrunk"]["num_shards"]) == (5, 3)
+    assert not out["errors"], out["errors"]
+    assert out["acked"] > 1000 and out["lost"] == 0
+    assert out["counts_ok"] and out["counted"] > 100
+    assert out["remote_epochs"] == [out["shrunk"]["epoch"]] * 2  # each task learnt both
+    assert len(out["shard_nodes"]) >= 2  # the shards are spread, not all on one node
+    assert all(r["backup_node"] not in (None, r["primary_node"]) for r in out["replicas"])
+    assert not out["history_errors"], out["history_errors"]
+    assert min(out["spans"]) >= 50, out["spans"]
+    assert out["history_ok"], out["explain"]
