@@ -377,6 +377,10 @@ class Coordinator:
     def spec(self) -> dict[str, Any]:
         return self._spec
 
+    def epoch(self) -> int:
+        """The epoch of the current slot table."""
+        return self._spec.epoch
+
     def spec_at(self, min_epoch: int, timeout_s: float = 300.0) -> Any:
         """The spec once its slot table's epoch is ``min_epoch`` or later: a client whose
         request a shard refused as moved waits here while the reshard finishes."""

@@ -251,6 +251,12 @@ class Cache:
                     out[i] = value
         return out
 
+    def _everywhere(self, frame: bytes) -> dict[int, Any]:
+        """Send ``frame`` to every shard serving the cache now: first catch up with a
+        reshard this process has not met yet (one question to the coordinator)."""
+        self._pool.catch_up()
+        return self._scatter(dict.fromkeys(range(self.num_shards), frame))
+
     def _scatter(self, frames: dict[int, bytes]) -> dict[int, Any]:
         """Send one request per shard, then collect the answers: one round trip overall."""
         return self._pool.scatter(frames)
@@ -440,8 +446,7 @@ class Cache:
         self._pool.leases.release_all()
         if self._pool.near is not None:
             self._pool.near.forget()
-        frames = dict.fromkeys(range(self.num_shards), protocol.INVALIDATE_ALL)
-        return sum(self._scatter(frames).values())
+        return sum(self._everywhere(protocol.INVALIDATE_ALL).values())
 
     @_rerouted
     def update(self, args: Any, fn: Callable[[Any], Any] | str, *, wait: bool = True) -> Any:
@@ -576,7 +581,7 @@ class Cache:
         They are out of the write buffer (the rest keeps flowing) and wait for
         ``retry_dead_letters`` or ``discard_dead_letters``; a newer write of the key
         replaces its dead letter."""
-        answers = self._scatter(dict.fromkeys(range(self.num_shards), protocol.DEAD_LETTERS))
+        answers = self._everywhere(protocol.DEAD_LETTERS)
         out = []
         for s in sorted(answers):
             for d in answers[s]:
@@ -586,13 +591,11 @@ class Cache:
 
     def retry_dead_letters(self) -> int:
         """Put every dead letter back in its shard's write buffer; how many went back."""
-        frames = dict.fromkeys(range(self.num_shards), protocol.RETRY_DEAD_LETTERS)
-        return sum(self._scatter(frames).values())
+        return sum(self._everywhere(protocol.RETRY_DEAD_LETTERS).values())
 
     def discard_dead_letters(self) -> int:
         """Drop every dead letter (its store never gets it); how many were dropped."""
-        frames = dict.fromkeys(range(self.num_shards), protocol.DISCARD_DEAD_LETTERS)
-        return sum(self._scatter(frames).values())
+        return sum(self._everywhere(protocol.DISCARD_DEAD_LETTERS).values())
 
     def replicas(self, detail: bool = False) -> list[dict[str, Any]]:
         """Per shard, where its primary and its backup run (Ray node ids; ``backup_node``
@@ -607,7 +610,7 @@ class Cache:
         """``{"total": {...}, "shards": [...]}``: lookup (read calls), read (store read
         rounds), write (write calls), flush (distinct keys flushed), and more per shard."""
         self.sync()
-        shards = list(self._scatter({s: protocol.METRICS for s in range(self.num_shards)})
+        shards = list(self._everywhere(protocol.METRICS)
                       .values())
         return aggregate(shards)
 

@@ -181,6 +181,15 @@ class Pool:
                 c.lock.release()
 
     # -- resharding ------------------------------------------------------------------------
+    def catch_up(self) -> None:
+        """Take the cache's current slot table if a reshard made a newer one than this
+        process's (a call to every shard would otherwise miss the shards it added)."""
+        coordinator = self.spec.coordinator
+        if coordinator is not None:
+            epoch = control.get(coordinator.epoch.remote())
+            if epoch > self.epoch:
+                self.refresh(epoch)
+
     def refresh_if_moved(self) -> None:
         """If a shard refused pipelined requests of this process (the cache was resharded),
         take the new table and resend them (see ``refresh``)."""

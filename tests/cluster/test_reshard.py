@@ -222,3 +222,19 @@ def test_histories_during_reshards_are_linearizable(make_cache, tmp_path):
     history += final_reads(cache, keys)
     res = check(history, initial=0)
     assert res.ok, res.explain()
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def shard_count_seen(spec) -> tuple[int, int, int]:
+    """metrics() from a process whose handle has an old table and made no keyed call."""
+    cache = pd.Cache(spec)
+    before = cache.num_shards
+    return before, len(cache.metrics()["shards"]), cache.num_shards
+
+
+def test_a_process_that_has_not_met_a_refusal_still_sees_every_shard(make_cache, tmp_path):
+    cache = make_cache([SQLiteConnector(tmp_path / "store.db")], num_shards=2,
+                       journal=tmp_path / "journal")
+    old_spec = cache._spec  # the table of epoch 0: 2 shards
+    cache.reshard(4)
+    assert ray.get(shard_count_seen.remote(old_spec), timeout=60) == (2, 4, 4)
