@@ -208,7 +208,8 @@ def _lost(ops: list[Op], drop_reads: bool) -> None:
 @ray.remote(num_cpus=0.5, max_retries=0)
 def plain_worker_through_kills(cache, worker, keys, n, seed, tag):
     """``plain_worker`` that records an op whose call raised as of unknown outcome and goes
-    on; returns the ops and the errors' texts."""
+    on, until the driver writes ``("stop", tag)`` (at most ``n`` ops); returns the ops and
+    the errors' texts."""
     from persistroids_dist import PersistroidsError
 
     rng = random.Random(seed)
@@ -216,6 +217,8 @@ def plain_worker_through_kills(cache, worker, keys, n, seed, tag):
     errors = []
     barrier(cache, tag, WORKERS)
     for i in range(n):
+        if i % 50 == 0 and cache.read(("stop", tag)):
+            break
         try:
             do_plain_op(cache, rec, rng, keys, i, many=False)
         except PersistroidsError as e:  # the op stays unknown: it may have been applied
@@ -348,15 +351,19 @@ def test_histories_across_shard_kills_are_linearizable(make_cache, tmp_path):
     keys = ["k0", "k1", "k2", "k3"]
     assert len({cache.shard_of(k) for k in keys}) == 2
     tag = uuid.uuid4().hex
-    refs = [plain_worker_through_kills.remote(cache, w, keys, 1500, 700 + w, tag)
+    refs = [plain_worker_through_kills.remote(cache, w, keys, 20_000, 700 + w, tag)
             for w in range(WORKERS)]
     deadline = time.monotonic() + 60
     while cache.read(("barrier", tag)) < WORKERS:  # the workers are running
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    pids = [m["pid"] for m in cache.metrics()["shards"]]
     for shard in (0, 1):
         time.sleep(0.3)
-        os.kill(cache.metrics()["shards"][shard]["pid"], signal.SIGKILL)
+        os.kill(pids[shard], signal.SIGKILL)
+    killed = time.monotonic()
+    time.sleep(0.5)  # the workers go on through the restarts, then stop
+    cache.write(("stop", tag), 1, wait=True)
     results = ray.get(refs, timeout=300)
     history = [op for ops, _ in results for op in ops]
     errors = [e for _, errs in results for e in errs]
@@ -365,6 +372,7 @@ def test_histories_across_shard_kills_are_linearizable(make_cache, tmp_path):
     assert sum(s["sessions_resumed"] for s in m) >= 1
     assert not errors, errors[:5]
     assert sum(op.unknown for op in history) == 0
+    assert sum(op.call > killed for op in history) >= 100  # the history spans the kills
     history += final_reads(cache, keys)
     assert_linearizable(history, "across shard kills")
 
