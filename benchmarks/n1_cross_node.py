@@ -34,6 +34,8 @@ def _reader(cache: Any, key: str, redis_url: str, rkey: str, n: int, n_rounds: i
     from persistroids_dist import control
 
     control._NODE_ID[:] = ["another-node"]  # what a process on another node sees
+    for shard in range(cache.num_shards):  # a reused worker may hold Unix connections
+        cache._pool.drop(shard)
     r = redis.Redis.from_url(redis_url, socket_timeout=30)
     read, get = cache.read, r.get
     for _ in range(200):  # warm connections and caches

@@ -9,6 +9,7 @@ paths a process crash takes, with real SIGKILLs. Node loss is in ``test_multinod
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -34,21 +35,11 @@ def wait_for(what, timeout: float = 60.0):
 
 
 @pytest.fixture
-def backed(ray_session, tmp_path):
-    made = []
-
-    def make(**kw) -> pd.Cache:
-        cache = pd.init(num_shards=2, replicas=1, placement="pack", journal=str(tmp_path),
-                        writes_threshold=10**6, millis_threshold=600_000,
-                        init_fn=lambda a: 0, **kw)
-        made.append(cache)
-        return cache
-    yield make
-    for cache in made:
-        try:
-            cache.shutdown()
-        except Exception:
-            pass
+def backed(make_cache, tmp_path):
+    """``make_cache`` with one backup per shard, beside it (``placement="pack"``)."""
+    return functools.partial(make_cache, num_shards=2, replicas=1, placement="pack",
+                             journal=str(tmp_path), writes_threshold=10**6,
+                             millis_threshold=600_000, init_fn=lambda a: 0)
 
 
 def test_replicas_need_a_journal_and_a_valid_count(ray_session):

@@ -6,10 +6,7 @@ exact: no write lost, none applied twice.
 
 from __future__ import annotations
 
-import functools
-import operator
 import random
-import threading
 import time
 import uuid
 
@@ -17,71 +14,12 @@ import pytest
 import ray
 from linearizability import Recorder, check
 from test_histories import barrier, do_plain_op, final_reads, zero
+from writers import BUMP, Writers, lost
 
 import persistroids_dist as pd
 from persistroids_dist.connectors.redis import RedisConnector
 from persistroids_dist.connectors.sqlite import SQLiteConnector
 from persistroids_dist.connectors.testing import PrivateRedis
-
-BUMP = functools.partial(operator.add, 1)
-
-
-class Writers:
-    """Writer threads in this process: acknowledged unique keys (``write(wait=True)``),
-    pipelined batches confirmed by ``sync()``, and counters bumped by ``update``."""
-
-    def __init__(self, cache: pd.Cache, tag: str) -> None:
-        self.cache, self.tag = cache, tag
-        self.stop = threading.Event()
-        self.acked: dict[str, int] = {}
-        self.counts = [0, 0, 0]
-        self.errors: list[str] = []
-        self.threads = [threading.Thread(target=f) for f in
-                        (self._unique, self._pipelined, self._counters)]
-
-    def __enter__(self) -> Writers:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(120)
-
-    def _guard(self, fn, *args) -> bool:
-        try:
-            fn(*args)
-            return True
-        except Exception as e:  # every error is a finding: the test expects none
-            self.errors.append(f"{type(e).__name__}: {e}"[:300])
-            return False
-
-    def _unique(self) -> None:
-        i = 0
-        while not self.stop.is_set():
-            k = f"{self.tag}u{i}"
-            if self._guard(functools.partial(self.cache.write, k, i, wait=True)):
-                self.acked[k] = i
-            i += 1
-
-    def _pipelined(self) -> None:
-        b = 0
-        while not self.stop.is_set():
-            batch = {f"{self.tag}p{b}.{j}": b for j in range(50)}
-            for k, v in batch.items():
-                self.cache.write(k, v)
-            if self._guard(self.cache.sync):
-                self.acked.update(batch)
-            b += 1
-
-    def _counters(self) -> None:
-        i = 0
-        while not self.stop.is_set():
-            c = i % 3
-            if self._guard(self.cache.update, f"{self.tag}c{c}", BUMP):
-                self.counts[c] += 1
-            i += 1
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -89,17 +27,15 @@ def remote_writer(cache: pd.Cache, tag: str, seconds: float) -> dict:
     """The same writers in another process, which learns of the reshards on its own."""
     with Writers(cache, tag) as w:
         time.sleep(seconds)
-    return {"acked": w.acked, "counts": w.counts, "errors": w.errors,
-            "epoch": cache._pool.epoch, "num_shards": cache.num_shards}
+    return {"acked": {**w.acked, **w.batches},
+            "counts": dict(zip(w.counter_names(), w.counts, strict=True)),
+            "errors": w.errors, "epoch": cache._pool.epoch, "num_shards": cache.num_shards}
 
 
 def check_model(cache: pd.Cache, acked: dict[str, int], counters: dict[str, int]) -> None:
-    keys = sorted(acked)
-    values = cache.read_many(keys)
-    lost = [k for k, v in zip(keys, values, strict=True) if v != acked[k]]
-    assert not lost, f"{len(lost)} of {len(keys)} acknowledged writes lost: {lost[:5]}"
-    names = sorted(counters)
-    assert cache.read_many(names) == [counters[n] for n in names]
+    missing = lost(cache, acked)
+    assert not missing, f"{len(missing)} of {len(acked)} acknowledged writes lost: {missing[:5]}"
+    assert not lost(cache, counters)
 
 
 def test_grow_2_to_5_and_shrink_5_to_3_under_concurrent_writers(make_cache, tmp_path):
@@ -121,10 +57,10 @@ def test_grow_2_to_5_and_shrink_5_to_3_under_concurrent_writers(make_cache, tmp_
     r = ray.get(remote, timeout=120)
     assert not w.errors and not r["errors"], (w.errors + r["errors"])[:5]
     assert r["epoch"] == shrunk["epoch"] and r["num_shards"] == 3  # it learnt both
-    assert len(w.acked) > 1000 and len(r["acked"]) > 500 and sum(w.counts) > 100
-    acked = {**{f"seed{i}": i for i in range(500)}, **w.acked, **r["acked"]}
-    counters = {f"dc{c}": n for c, n in enumerate(w.counts)}
-    counters.update({f"rc{c}": n for c, n in enumerate(r["counts"])})
+    assert len(w.acked) + len(w.batches) > 1000 and len(r["acked"]) > 500
+    assert sum(w.counts) > 100
+    acked = {**{f"seed{i}": i for i in range(500)}, **w.acked, **w.batches, **r["acked"]}
+    counters = {**dict(zip(w.counter_names(), w.counts, strict=True)), **r["counts"]}
     check_model(cache, acked, counters)
     assert len(cache.metrics()["shards"]) == 3
     # And the store holds the same: no shard that gave a slot away flushed an old value of

@@ -13,48 +13,20 @@ from __future__ import annotations
 
 import functools
 import itertools
-import operator
-import random
 import shutil
 import sys
 import tempfile
 import time
+import uuid
 
 import ray
 from linearizability import Recorder, check
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from replica_scenario import FAST_HEALTH_CHECKS, lose, replicas
 from spread_scenario import report, three_nodes
+from test_reshard import history_worker
 
 import persistroids_dist as pd
-
-ADD = {d: functools.partial(operator.add, d) for d in range(1, 6)}
-OPS = 1000
-
-
-@ray.remote(num_cpus=0, max_retries=0)
-def worker(cache: pd.Cache, w: int, keys: list[str], n: int, parties: int) -> tuple:
-    rng = random.Random(w)
-    rec = Recorder(w)
-    errors: list[str] = []
-    cache.update("barrier", ADD[1])
-    while cache.read("barrier") < parties:  # start together, so the ops overlap
-        time.sleep(0.0005)
-    for i in range(n):
-        k = rng.choice(keys)
-        x = rng.random()
-        try:
-            if x < 0.4:
-                rec.run("read", k, None, functools.partial(cache.read, k))
-            elif x < 0.7:
-                v = (w + 1) * 10**12 + (i + 1) * 10**6  # unique, never reached by adds
-                rec.run("write", k, v, functools.partial(cache.write, k, v, wait=True))
-            else:
-                d = rng.randint(1, 5)
-                rec.run("add", k, d, functools.partial(cache.update, k, ADD[d]))
-        except Exception as e:  # stays unknown in the history
-            errors.append(f"{type(e).__name__}: {e}"[:300])
-    return rec.ops, errors
 
 
 def main() -> int:
@@ -71,14 +43,20 @@ def main() -> int:
             victim = next(r["primary_node"] for r in before if r["primary_node"] in by_id)
             stay = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != victim]
             parties = 2 * len(stay)
-            refs = [worker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-                node, soft=False)).remote(cache, w, keys, OPS, parties)
+            tag = uuid.uuid4().hex
+            refs = [history_worker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                node, soft=False)).remote(cache, w, keys, 300 + w, tag)
                 for w, node in enumerate(stay * 2)]
-            while cache.read("barrier") < parties:
+            while cache.read(("barrier", tag)) < parties:
                 time.sleep(0.005)
             time.sleep(0.1)  # early in the run
             lost_at = time.monotonic()
             gone = lose(cluster, by_id[victim], cache, journal)
+            # Until the lost shard's keys answer again (the promoted backup), and on a while.
+            while cache.replicas()[0]["failovers"] < 1:
+                time.sleep(0.05)
+            time.sleep(1.0)
+            cache.write(("stop", tag), 1, wait=True)
             results = ray.get(refs, timeout=300)
             history = [op for ops, _ in results for op in ops]
             # Ops before the loss, and ops on the lost shard's keys answered after it (by

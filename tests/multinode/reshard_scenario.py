@@ -19,7 +19,8 @@ from linearizability import check
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from spread_scenario import report, three_nodes
 from test_histories import final_reads, zero
-from test_reshard import Writers, history_worker, remote_writer
+from test_reshard import history_worker, remote_writer
+from writers import Writers, lost
 
 import persistroids_dist as pd
 from persistroids_dist.connectors.sqlite import SQLiteConnector
@@ -48,16 +49,14 @@ def main() -> int:
                 shrunk = cache.reshard(3)
                 time.sleep(1.0)
             results = ray.get(remote, timeout=300)
-            acked = dict(w.acked)
-            counters = {f"dc{c}": n for c, n in enumerate(w.counts)}
-            for i, r in enumerate(results):
+            acked = {**w.acked, **w.batches}
+            counters = dict(zip(w.counter_names(), w.counts, strict=True))
+            for r in results:
                 acked.update(r["acked"])
-                counters.update({f"r{i}c{c}": n for c, n in enumerate(r["counts"])})
+                counters.update(r["counts"])
             keys = sorted(acked)
-            lost = sum(1 for k, v in zip(keys, cache.read_many(keys), strict=True)
-                       if v != acked[k])
-            names = sorted(counters)
-            counts_ok = cache.read_many(names) == [counters[n] for n in names]
+            missing = len(lost(cache, acked))
+            counts_ok = not lost(cache, counters)
             reps = cache.replicas()
             shard_nodes = sorted({r["primary_node"] for r in reps})
             # Histories across one more reshard, a worker on each node.
@@ -84,7 +83,7 @@ def main() -> int:
             history += final_reads(cache, hkeys)
             res = check(history, initial=0)
             out = {
-                "grown": grown, "shrunk": shrunk, "acked": len(keys), "lost": lost,
+                "grown": grown, "shrunk": shrunk, "acked": len(keys), "lost": missing,
                 "counts_ok": counts_ok, "counted": sum(counters.values()),
                 "errors": (w.errors + [e for r in results for e in r["errors"]])[:10],
                 "remote_epochs": [r["epoch"] for r in results],

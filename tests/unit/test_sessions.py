@@ -144,16 +144,24 @@ def test_a_resent_update_is_answered_not_applied_again_by_the_same_shard(shard_p
     assert m["sessions_resumed"] == 1 and m["resends_answered"] == 100
 
 
+def killed_after_applying(shard: ShardProcess, n: int) -> Connection:
+    """Pipeline ``n`` updates (the function sent with the first only), wait until the shard
+    applied them all, then SIGKILL it and start another on its journal, the answers unread
+    and lost with the connection; the connection, ready to resume."""
+    conn = Connection(shard.address, SECRET, resolve=lambda: shard.address, wait_s=30)
+    conn.call(protocol.write(KEY, None, encode_value(0)))
+    for i in range(n):
+        conn.send(update_frame(BUMP if i == 0 else None), 1, lambda: update_frame(BUMP))
+    applied_all(shard.address, n)
+    shard.restart()
+    lose_answers(conn)
+    return conn
+
+
 def test_a_shard_killed_after_applying_replays_the_session_and_answers_the_resends(
         shard_process):
     shard = shard_process()
-    conn = Connection(shard.address, SECRET, resolve=lambda: shard.address, wait_s=30)
-    conn.call(protocol.write(KEY, None, encode_value(0)))
-    for i in range(300):
-        conn.send(update_frame(BUMP if i == 0 else None), 1, lambda: update_frame(BUMP))
-    applied_all(shard.address, 300)
-    shard.restart()  # SIGKILL: the journal has all 300, their answers are lost
-    lose_answers(conn)
+    conn = killed_after_applying(shard, 300)  # the journal has all 300
     # The new process knows none of the functions: the resends carry theirs.
     assert decode_value(conn.call(update_frame(None), lambda: update_frame(BUMP))) == 301
     conn.sync()
@@ -164,13 +172,7 @@ def test_a_shard_killed_after_applying_replays_the_session_and_answers_the_resen
 
 def test_a_resend_answered_from_the_table_still_registers_its_function(shard_process):
     shard = shard_process()
-    conn = Connection(shard.address, SECRET, resolve=lambda: shard.address, wait_s=30)
-    conn.call(protocol.write(KEY, None, encode_value(0)))
-    for i in range(50):
-        conn.send(update_frame(BUMP if i == 0 else None), 1, lambda: update_frame(BUMP))
-    applied_all(shard.address, 50)
-    shard.restart()
-    lose_answers(conn)
+    conn = killed_after_applying(shard, 50)
     conn.sync()  # every resend answered from the replayed table, none applied again
     assert metrics(shard.address)["resends_answered"] == 50
     # The client now takes the new process to know the function (its resends carried

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import re
@@ -16,6 +17,8 @@ import time
 
 import msgpack
 import pytest
+from test_transport import SECRET, tcp_only, wait_for
+from test_transport import serve as plain_serve  # noqa: F401  (a fixture, used below)
 
 from persistroids_dist import AuthenticationError, TLSConfig
 from persistroids_dist.codec import decode_value, encode_key, encode_value
@@ -23,13 +26,10 @@ from persistroids_dist.connectors.memory import MemoryConnector
 from persistroids_dist.host import ShardHost
 from persistroids_dist.spec import CacheSpec
 from persistroids_dist.tls import make_test_certificates, resolve
-from persistroids_dist.transport import Connection, Op, ShardServer
+from persistroids_dist.transport import Connection, Op
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
                                 reason="needs the openssl command to make certificates")
-
-SECRET = b"t" * 32
-
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
@@ -41,11 +41,6 @@ def certs(tmp_path_factory):
 @pytest.fixture
 def tls(certs):
     return certs[0]
-
-
-def tcp_only(address):
-    # A different host name makes the client take the TCP address, as across nodes.
-    return {**address, "host": "another-node"}
 
 
 @pytest.fixture
@@ -169,26 +164,9 @@ def test_the_secret_is_still_proved_inside_tls(host, tls):
 
 
 @pytest.fixture
-def serve(tls):
+def serve(plain_serve, tls):  # noqa: F811  (the fixture imported above)
     """Bare TLS ShardServers (TCP only, no shard behind them) with the given limits."""
-    servers = []
-
-    def start(**limits):
-        server = ShardServer({Op.PING: lambda: 0}, SECRET, unix_path=None,
-                             tcp_host="127.0.0.1", tls=tls, **limits)
-        servers.append(server)
-        return server, tcp_only(server.start())
-
-    yield start
-    for server in servers:
-        server.close()
-
-
-def wait_for(condition, timeout):
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, "timed out waiting"
-        time.sleep(0.02)
+    return functools.partial(plain_serve, tls=tls)
 
 
 def client_hello() -> bytes:

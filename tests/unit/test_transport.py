@@ -95,7 +95,8 @@ def test_a_server_that_cannot_prove_the_secret_is_refused():
 
 @pytest.fixture
 def serve():
-    """Start bare ShardServers (TCP only, no shard behind them) with the given limits."""
+    """Start bare ShardServers (TCP only, no shard behind them) with the given limits (and
+    ShardServer's other options: ``tls=``)."""
     servers = []
 
     def start(**limits):
