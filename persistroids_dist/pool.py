@@ -195,9 +195,8 @@ class Pool:
         take the new table and resend them (see ``refresh``)."""
         epoch = max((c.moved_epoch for c in self.conns if c is not None and c.moved),
                     default=0)
-        if epoch:
-            self.refresh(max(epoch, self.epoch + 1) if epoch <= self.epoch else epoch,
-                         force=True)
+        if epoch:  # no newer table to wait for if another thread took it already
+            self.refresh(epoch, force=True)
 
     def refresh(self, min_epoch: int, force: bool = False) -> None:
         """Take the cache's slot table of epoch ``min_epoch`` or later from its coordinator
@@ -235,45 +234,50 @@ class Pool:
                         continue
                     moved.extend(c.moved)
                     c.moved, c.moved_epoch = [], 0
+                # What was refused goes again by the new table, before any other thread
+                # can send by it: every connection it goes to is opened (with the new
+                # addresses) and held before the table is swapped.
+                table = slot_table(n)
+                resends = list(self._rerouted(moved, table))
+                conns = (old + [None] * n)[:n]
+                self.addresses = list(spec.addresses)
+                for shard in sorted({r[0] for r in resends}):
+                    c = conns[shard]
+                    if c is None or c.closed:
+                        c = conns[shard] = self._open(shard)
+                    if c not in held:
+                        c.lock.acquire()
+                        fresh.append(c)
                 with self.lock:
                     self.spec = spec
-                    self.addresses = list(spec.addresses)
-                    self.conns = (old + [None] * n)[:n]
+                    self.conns = conns
                     for c in old[n:]:  # shards a shrink retired: everything is answered
                         if c is not None:
                             c.close()
-                    self.table = slot_table(n)
+                    self.table = table
                     self.epoch = spec.epoch
-                # Resend what was refused, by the new table, before any other thread can
-                # send by it: the connections it goes to are held (new ones are made and
-                # taken here first).
-                for shard, frame, writes, resend in self._rerouted(moved):
-                    c = self.conns[shard]
-                    if c is None or c.closed:
-                        c = self.conns[shard] = self._open(shard)
-                    if c not in held and c not in fresh:
-                        c.lock.acquire()
-                        fresh.append(c)
-                    c.send(frame, writes, resend)
+                for shard, frame, writes, resend in resends:
+                    conns[shard].send(frame, writes, resend)
             finally:
                 for c in held + fresh:
                     c.lock.release()
 
-    def _rerouted(self, entries: list[list[Any]]) -> Any:
+    @staticmethod
+    def _rerouted(entries: list[list[Any]], table: list[int]) -> Any:
         """``(shard, frame, writes, resend)`` per request to resend for refused ``entries``
-        (``Connection.inflight`` records), by the current table: a batch of writes is split
-        by shard, in order; any other request goes whole, where its key belongs now."""
+        (``Connection.inflight`` records), by ``table``: a batch of writes is split by
+        shard, in order; any other request goes whole, where its key belongs now."""
         for writes, frame, _, resend in entries:
             req = msgpack.unpackb(frame, raw=False)
             if req[0] == Op.WRITE_MANY:
                 by_shard: dict[int, list[Any]] = {}
                 for item in req[1]:
-                    by_shard.setdefault(self.table[slot_of(item[0])], []).append(item)
+                    by_shard.setdefault(table[slot_of(item[0])], []).append(item)
                 for shard, items in by_shard.items():  # a checkpoint state goes with each
                     yield shard, msgpack.packb([Op.WRITE_MANY, items, *req[2:]]), len(items), \
                         None
             else:  # an update's function goes with it: the new shard may not know it
-                yield self.table[slot_of(req[1])], resend() if resend else frame, writes, None
+                yield table[slot_of(req[1])], resend() if resend else frame, writes, None
 
     def sync(self) -> None:
         """Wait until every write this process pipelined was answered; raise

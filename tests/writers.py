@@ -1,9 +1,10 @@
 """Writers that keep a cache busy while a test does something to it (a reshard, a lost
 node), and what the cache acknowledged to them, to compare with afterwards.
 
-Three threads: unique keys written with ``wait=True`` (``acked``), batches of pipelined writes
-confirmed by ``sync()`` (``batches``), and counters bumped by ``update`` (``counts``). Any
-error is recorded (``errors``): the tests expect none.
+Four threads: unique keys written with ``wait=True`` (``acked``), batches of pipelined writes
+confirmed by ``sync()`` (``batches``), counters bumped by ``update`` (``counts``), and one key
+overwritten by pipelined writes, which must end with the last (in ``batches``). Any error is
+recorded (``errors``): the tests expect none.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Writers:
         self.counts = [0] * counters
         self.errors: list[str] = []
         self.threads = [threading.Thread(target=f) for f in
-                        (self._unique, self._pipelined, self._counters)]
+                        (self._unique, self._pipelined, self._counters, self._overwrite)]
 
     def __enter__(self) -> Writers:
         for t in self.threads:
@@ -76,6 +77,20 @@ class Writers:
             if self._guard(self.cache.update, f"{self.tag}c{c}", BUMP):
                 self.counts[c] += 1
             i += 1
+
+
+    def _overwrite(self) -> None:
+        # One key written over and over, pipelined: if a write could land after a later one
+        # of this process (reordered by a reshard's resends, say), the key would not end
+        # with the last value. ``batches`` gets the last value a sync confirmed.
+        k, i = f"{self.tag}o", 0
+        while not self.stop.is_set():
+            i += 1
+            self.cache.write(k, i)
+            if i % 100 == 0 and self._guard(self.cache.sync):
+                self.batches[k] = i
+        if self._guard(self.cache.sync):
+            self.batches[k] = i
 
 
 def lost(cache: Any, expected: dict[str, Any]) -> list[str]:
