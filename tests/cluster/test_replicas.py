@@ -24,13 +24,13 @@ def replicas(cache: pd.Cache, detail: bool = False) -> list[dict]:
     return cache.replicas(detail=detail)
 
 
-def wait_for(what, timeout: float = 60.0):
+def wait_for(what, timeout: float = 60.0, why=lambda: ""):
     deadline = time.monotonic() + timeout
     while True:
         got = what()
         if got:
             return got
-        assert time.monotonic() < deadline, "timed out"
+        assert time.monotonic() < deadline, f"timed out: {why()}"
         time.sleep(0.1)
 
 
@@ -78,15 +78,20 @@ def test_a_killed_backup_is_replaced_and_writes_go_on(backed):
         cache.update("n", lambda v: v + 1)
     assert cache.read("n") == 500
 
+    bumps = [500]
+
     def replaced():
+        # The primary learns of the loss at a commit: keep committing while waiting.
+        bumps[0] = cache.update("n", lambda v: v + 1)
         reps = replicas(cache, detail=True)
         s = reps[cache.shard_of("n")]
         return s["backup_id"] not in (None, old[cache.shard_of("n")]["backup_id"]) \
             and s["backup_pid"] is not None and reps
-    wait_for(replaced)
+    wait_for(replaced, timeout=120, why=lambda: (old, replicas(cache, detail=True),
+                                                  cache.metrics()["shards"]))
     wait_for(lambda: all(m["backed_up"] for m in cache.metrics()["shards"]))
-    cache.update("n", lambda v: v + 1)
-    assert cache.read("n") == 501
+    assert cache.update("n", lambda v: v + 1) == bumps[0] + 1
+    assert cache.read("n") == bumps[0] + 1
 
 
 def test_a_killed_primary_restarts_and_takes_its_backup_back(backed):
