@@ -212,10 +212,14 @@ class MirrorLink:
         self._recv_lock = threading.Lock()
 
     def send(self, frame: bytes) -> int:
+        # A frame that could not be sent still takes a ticket, one the backup never
+        # acknowledges: the wait for it must fail. (Returning the last ticket instead, often
+        # acknowledged already, let a commit after a Unix socket's EPIPE go on as if the
+        # backup had it.)
+        self.sent += 1
         if self.error is None:
             try:
                 self.sock.sendall(frame)
-                self.sent += 1
             except OSError as e:
                 self.error = e
         return self.sent

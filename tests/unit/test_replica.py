@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from ray import cloudpickle
@@ -257,3 +258,24 @@ def test_a_deposed_primary_acknowledges_nothing_more(tmp_path):
     finally:
         host.core.stop()
         host.server.close()
+
+
+def test_a_primary_notices_a_dead_backup_at_its_next_write(nodes, tmp_path):
+    # The backup's process is gone and the kernel has closed its socket: the next send
+    # fails at once (EPIPE on a Unix socket) instead of at the wait for the answer. That
+    # write must not count as backed up.
+    backup = nodes("backup", "mirror")
+    host = ShardHost(0, [MemoryConnector()], {**OPTIONS, "journal": str(tmp_path / "j")},
+                     SECRET)
+    try:
+        assert host.attach_backup(backup.address) == "unix"
+        c = Connection(host.address(), SECRET)
+        c.call(protocol.write(encode_key("a"), None, encode_value(1)))
+        assert host.metrics()["backed_up"] is True
+        backup.kill()
+        time.sleep(0.2)
+        c.call(protocol.write(encode_key("b"), None, encode_value(2)))
+        assert host.metrics()["backed_up"] is False  # it went on alone, and knows it
+        c.close()
+    finally:
+        host.close()
