@@ -122,6 +122,7 @@ class ShardHost:
         # The core's own condition: a finished flush wakes the writers waiting for room.
         self._lease_cond = self.core._cond
         self._leaving: set[int] = set()  # slots being given away: no new leases on them
+        self._leaving_epoch = 0  # the epoch of the reshard giving them away
         self.lease_stats = {"leases_granted": 0, "recalls": 0, "leases_expired": 0}
         handlers = {
             Op.READ: self._read,
@@ -428,7 +429,9 @@ class ShardHost:
             for kb in kbs:
                 slot = slot_of(kb)
                 if slot in leaving:
-                    raise MovedError(self.index, self.slots.epoch, slot)
+                    # The reshard's epoch, not this shard's current one: the client waits
+                    # for that table (with the current one it would only retry, here).
+                    raise MovedError(self.index, self._leaving_epoch, slot)
 
     def release_slots(self, slots: list[int], epoch: int, lease_wait_s: float = 30.0) -> int:
         """Give ``slots`` away (a reshard moves them to another shard): refuse new leases on
@@ -446,7 +449,7 @@ class ShardHost:
             if dead:
                 raise ValueError(f"shard {self.index}: {len(dead)} dead letter(s) on slots "
                                  "being moved; retry or discard them first")
-            self._leaving = moving
+            self._leaving, self._leaving_epoch = moving, epoch
             try:
                 held = [kb for kb in self._leases if slot_of(kb) in moving]
                 if held:  # recalled like any other client's access; expired at worst

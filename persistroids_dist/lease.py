@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from . import protocol
 from .codec import decode_value, encode_value
-from .errors import LeaseLostError
+from .errors import LeaseLostError, MovedError, ShardUnavailableError
 from .near import NO_VALUE, NearCache, local_value
 from .transport import Connection
 
@@ -47,6 +47,10 @@ class Router(Protocol):
 
     def sync(self) -> None:
         """Wait until this process's pipelined writes were applied."""
+        ...
+
+    def refresh(self, min_epoch: int, force: bool = False) -> None:
+        """Take the slot table of epoch ``min_epoch`` or later (after a reshard)."""
         ...
 
     def open_connection(self, shard: int) -> Connection:
@@ -297,12 +301,23 @@ class Lease:
         kbs = [kb for kb, _ in keys]
         with own.released:
             own.released.wait_for(lambda: own.releasing.isdisjoint(kbs), timeout=60)
-        groups: dict[int, list[tuple[bytes, bytes | None]]] = {}
-        for kb, ab in keys:
-            groups.setdefault(router.shard_for(kb), []).append((kb, ab))
         router.sync()  # our pipelined writes to these keys land before the lease is taken
-        answers = router.scatter({s: protocol.lease([kb for kb, _ in g], own.owner, self.ttl_ms)
-                                  for s, g in groups.items()})
+        for _ in range(100):
+            groups: dict[int, list[tuple[bytes, bytes | None]]] = {}
+            for kb, ab in keys:
+                groups.setdefault(router.shard_for(kb), []).append((kb, ab))
+            try:
+                answers = router.scatter({s: protocol.lease([kb for kb, _ in g], own.owner,
+                                                            self.ttl_ms)
+                                          for s, g in groups.items()})
+                break
+            except MovedError as e:
+                # A reshard moves (or moved) a slot of these keys: wait for its table and
+                # ask again (a grant made meanwhile on another shard is simply renewed).
+                if e.slot >= 0:
+                    router.refresh(e.epoch, force=True)
+        else:
+            raise ShardUnavailableError("lease: still refused as moved after 100 refreshes")
         with own.lock:
             for s, g in groups.items():
                 gen, values = answers[s]

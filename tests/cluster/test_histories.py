@@ -362,7 +362,9 @@ def test_histories_across_shard_kills_are_linearizable(make_cache, tmp_path):
         time.sleep(0.3)
         os.kill(pids[shard], signal.SIGKILL)
     killed = time.monotonic()
-    time.sleep(0.5)  # the workers go on through the restarts, then stop
+    for k in keys:  # both shards serve again (restarted, journal replayed)...
+        cache.read(k)
+    time.sleep(0.5)  # ...and the workers go on a while, then stop
     cache.write(("stop", tag), 1, wait=True)
     results = ray.get(refs, timeout=300)
     history = [op for ops, _ in results for op in ops]

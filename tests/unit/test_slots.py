@@ -147,3 +147,17 @@ def test_giving_slots_away_fails_whole_if_the_flush_fails(hosts, tmp_path):
         a.release_slots([slot_of(kb("k"))], epoch=1)
     assert decode_value(call(a, protocol.read(kb("k"), None))) == 1  # still a's, pending
     assert a.slots.owns(kb("k")) and not a.slots.checked and a.slots.epoch == 0
+
+
+def test_a_lease_on_a_slot_being_given_away_is_refused_with_the_reshards_epoch(hosts):
+    # While a reshard recalls the leases on the slots it moves, a new lease on them is
+    # refused naming the reshard's epoch, so the client waits for that table instead of
+    # retrying here (with the shard's current epoch it would spin).
+    a = hosts(0)
+    k = kb("leased")
+    a._leaving, a._leaving_epoch = {slot_of(k)}, 7
+    with pytest.raises(MovedError) as e:
+        call(a, protocol.lease([k], b"owner", 1000.0))
+    assert e.value.epoch == 7
+    a._leaving = set()
+    assert call(a, protocol.lease([k], b"owner", 1000.0))[0] > 0  # granted once it is over
