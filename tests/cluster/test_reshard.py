@@ -10,6 +10,8 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import ray
@@ -127,36 +129,45 @@ def history_worker(cache, worker, keys, seed, tag):
     return rec.ops, errors
 
 
-def test_histories_during_reshards_are_linearizable(make_cache, tmp_path):
-    cache = make_cache([SQLiteConnector(tmp_path / "store.db")], num_shards=2,
-                       journal=tmp_path / "journal", init_fn=zero)
-    keys = [f"h{i}" for i in range(6)]
-    tag = uuid.uuid4().hex
-    refs = [history_worker.remote(cache, w, keys, 900 + w, tag) for w in range(4)]
+def histories_across(cache: pd.Cache, keys: list[str], tag: str, refs: list[Any],
+                     action: Callable[[], Any]) -> tuple[list[Any], list[str], list[int]]:
+    """Once the 4 ``history_worker``s (``refs``, started with ``tag``) all run, do
+    ``action`` (a reshard, say), let them go on a while, stop them; return their history
+    (with the driver's final reads), their errors, and how many ops began before, during
+    and after ``action``."""
     deadline = time.monotonic() + 60
     while cache.read(("barrier", tag)) < 4:
-        assert time.monotonic() < deadline
+        if time.monotonic() > deadline:
+            raise TimeoutError("the history workers did not all start")
         time.sleep(0.01)
-    before = [cache.shard_of(k) for k in keys]
     time.sleep(0.2)
     started = time.monotonic()
-    cache.reshard(4)
-    time.sleep(0.3)
-    cache.reshard(3)
+    action()
     ended = time.monotonic()
     time.sleep(0.3)
     cache.write(("stop", tag), 1, wait=True)
     results = ray.get(refs, timeout=300)
     history = [op for ops, _ in results for op in ops]
     errors = [e for _, errs in results for e in errs]
+    spans = [sum(op.call < started for op in history),
+             sum(started <= op.call <= ended for op in history),
+             sum(op.call > ended for op in history)]
+    return history + final_reads(cache, keys), errors, spans
+
+
+def test_histories_during_reshards_are_linearizable(make_cache, tmp_path):
+    cache = make_cache([SQLiteConnector(tmp_path / "store.db")], num_shards=2,
+                       journal=tmp_path / "journal", init_fn=zero)
+    keys = [f"h{i}" for i in range(6)]
+    tag = uuid.uuid4().hex
+    refs = [history_worker.remote(cache, w, keys, 900 + w, tag) for w in range(4)]
+    before = [cache.shard_of(k) for k in keys]
+    history, errors, spans = histories_across(
+        cache, keys, tag, refs, lambda: (cache.reshard(4), time.sleep(0.3), cache.reshard(3)))
     assert not errors, errors[:5]
     assert [cache.shard_of(k) for k in keys] != before  # keys did move
     # The histories cover the reshards: ops before, during and after them.
-    spans = (sum(op.call < started for op in history),
-             sum(started <= op.call <= ended for op in history),
-             sum(op.call > ended for op in history))
     assert min(spans) >= 100, spans
-    history += final_reads(cache, keys)
     res = check(history, initial=0)
     assert res.ok, res.explain()
 

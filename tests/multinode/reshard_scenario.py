@@ -18,8 +18,8 @@ import ray
 from linearizability import check
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from spread_scenario import report, three_nodes
-from test_histories import final_reads, zero
-from test_reshard import history_worker, remote_writer
+from test_histories import zero
+from test_reshard import histories_across, history_worker, remote_writer
 from writers import Writers, lost
 
 import persistroids_dist as pd
@@ -65,22 +65,8 @@ def main() -> int:
             refs = [pinned(history_worker, node).remote(cache, wi, hkeys, 500 + wi, tag)
                     for wi, node in zip(itertools.count(), nodes)]
             refs.append(pinned(history_worker, nodes[0]).remote(cache, 3, hkeys, 503, tag))
-            deadline = time.monotonic() + 60
-            while cache.read(("barrier", tag)) < 4 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            time.sleep(0.2)
-            started = time.monotonic()
-            cache.reshard(4)
-            ended = time.monotonic()
-            time.sleep(0.3)
-            cache.write(("stop", tag), 1, wait=True)
-            hist = ray.get(refs, timeout=300)
-            history = [op for ops, _ in hist for op in ops]
-            herrors = [e for _, errs in hist for e in errs]
-            spans = [sum(op.call < started for op in history),
-                     sum(started <= op.call <= ended for op in history),
-                     sum(op.call > ended for op in history)]
-            history += final_reads(cache, hkeys)
+            history, herrors, spans = histories_across(cache, hkeys, tag, refs,
+                                                       lambda: cache.reshard(4))
             res = check(history, initial=0)
             out = {
                 "grown": grown, "shrunk": shrunk, "acked": len(keys), "lost": missing,

@@ -17,7 +17,7 @@ import time
 
 import msgpack
 import pytest
-from test_transport import SECRET, tcp_only, wait_for
+from test_transport import SECRET, burst, tcp_only, wait_for
 from test_transport import serve as plain_serve  # noqa: F401  (a fixture, used below)
 
 from persistroids_dist import AuthenticationError, TLSConfig
@@ -235,19 +235,7 @@ def test_a_peer_that_stops_in_the_tls_handshake_is_cut_at_the_deadline(serve, tl
 
 def test_a_burst_of_tls_clients_beyond_the_limit_all_get_in(serve, tls):
     server, address = serve(max_handshakes=4)
-    results = []
-
-    def client():
-        conn = Connection(address, SECRET, tls=tls)
-        results.append(conn.call(msgpack.packb([Op.PING])))
-        conn.close()
-
-    threads = [threading.Thread(target=client) for _ in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == [0] * 20
+    assert burst(address, 20, tls=tls) == [0] * 20
     assert server.auth_failures == 0 and server.tls_connections == 20
 
 

@@ -219,21 +219,27 @@ def test_idle_connections_take_no_thread_and_do_not_lock_clients_out(serve):
             s.close()
 
 
-def test_a_burst_of_clients_beyond_the_limit_all_get_in(serve):
-    server, address = serve(max_handshakes=4)
+def burst(address, n, **options):
+    """``n`` clients connecting at once (``options``: Connection's, e.g. ``tls=``), each
+    pinging once; their answers."""
     results = []
 
     def client():
-        conn = Connection(address, SECRET)
+        conn = Connection(address, SECRET, **options)
         results.append(conn.call(msgpack.packb([Op.PING])))
         conn.close()
 
-    threads = [threading.Thread(target=client) for _ in range(40)]
+    threads = [threading.Thread(target=client) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results == [0] * 40
+    return results
+
+
+def test_a_burst_of_clients_beyond_the_limit_all_get_in(serve):
+    server, address = serve(max_handshakes=4)
+    assert burst(address, 40) == [0] * 40
     assert server.auth_failures == 0
 
 
