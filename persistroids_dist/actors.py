@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
 import tempfile
 import threading
@@ -187,6 +188,10 @@ class _ActorShardHost(ShardHost):
 
 
 ShardActor = ray.remote(_ActorShardHost)
+
+
+class _Stuck(Exception):
+    """A reshard some shards finished handing over and others could not."""
 
 
 @ray.remote
@@ -448,24 +453,17 @@ class Coordinator:
                     self.heal()
             losing = {i: [s for s in range(len(old)) if old[s] == i and new[s] != i]
                       for i in range(old_n)}
-            refs = {i: self._shards[i].release_slots.remote(slots, epoch)
-                    for i, slots in losing.items() if slots}
-            failed: dict[int, BaseException] = {}
-            for i, ref in refs.items():
-                try:
-                    ray.get(ref, timeout=600)
-                except Exception as e:
-                    failed[i] = e
-            if failed:
-                # Nothing was published: every shard asked takes its slots back (one that
-                # failed may have given them away before it failed: own_slots is idempotent).
-                for i in refs:
-                    try:
-                        ray.get(self._shards[i].own_slots.remote(losing[i], epoch),
-                                timeout=120)
-                    except Exception as e:
-                        log.error("reshard abort: shard %d could not take its slots back: "
-                                  "%s", i, e)
+            gaining = {i: [s for s in range(len(new)) if new[s] == i and old[s] != i]
+                       for i in range(num_shards)}
+            try:
+                handed = self._hand_over(losing, gaining, new, epoch)
+            except _Stuck as e:
+                # Nothing is lost (every step was journaled) but the table cannot say where
+                # the slots are; the shards stay as they are, refusing the moved slots.
+                log.error("reshard epoch %d is stuck: %s", epoch, e)
+                raise RuntimeError(f"reshard to {num_shards} shards is stuck half-way: "
+                                   f"{e}") from e
+            except Exception as e:
                 with self._lock:
                     dropped = self._backups[old_n:]
                     self._shards = self._shards[:old_n]
@@ -474,14 +472,13 @@ class Coordinator:
                     self._backup_nodes = self._backup_nodes[:old_n]
                 for a in [*added, *(b for b in dropped if b is not None)]:
                     ray.kill(a, no_restart=True)
-                raise RuntimeError("reshard aborted, nothing moved: " + "; ".join(
-                    f"shard {i}: {type(e).__name__}: {str(e).splitlines()[-1][:300]}"
-                    for i, e in failed.items()))
+                # The same table under the new epoch: clients refused as moved meanwhile
+                # (waiting in spec_at for this epoch) go on with it.
+                with self._epoch_changed:
+                    self._spec = self._spec.replace(epoch=epoch)
+                    self._epoch_changed.notify_all()
+                raise RuntimeError(f"reshard aborted, nothing moved: {e}") from e
             shards = self._shards[:num_shards]
-            gaining = {i: [s for s in range(len(new)) if new[s] == i and old[s] != i]
-                       for i in range(num_shards)}
-            ray.get([shards[i].own_slots.remote(slots, epoch)
-                     for i, slots in gaining.items() if slots])
             with self._lock:
                 retired = self._shards[num_shards:]
                 retired_backups = [b for b in self._backups[num_shards:] if b is not None]
@@ -512,9 +509,114 @@ class Coordinator:
             if self._replication:
                 self.heal()
             moved = sum(len(v) for v in losing.values())
-            log.warning("resharded %d -> %d shards (epoch %d): %d slots moved", old_n,
-                        num_shards, epoch, moved)
-            return {"epoch": epoch, "num_shards": num_shards, "moved_slots": moved}
+            log.warning("resharded %d -> %d shards (epoch %d): %d slots moved, %d keys with "
+                        "pending state handed over", old_n, num_shards, epoch, moved, handed)
+            return {"epoch": epoch, "num_shards": num_shards, "moved_slots": moved,
+                    "handed_keys": handed}
+
+    def _hand_over(self, losing: dict[int, list[int]], gaining: dict[int, list[int]],
+                   table: list[int], epoch: int, deadline_s: float = 300.0) -> int:
+        """Move slots, with everything pending on them, from the shards ``losing`` them to
+        the ones ``gaining`` them (``table``: the new slot table). Each step is journaled
+        where it lands before the next one undoes it elsewhere, so a shard process killed
+        at any point loses nothing:
+
+        1. every source exports the slots' state (``export_slots``: refused from then on,
+           its flushes held, nothing dropped);
+        2. every destination journals the part meant for it (``stage_slots``);
+        3. every source drops its copy and journals that it gave the slots away
+           (``finish_handoff``). A source that restarted meanwhile replayed its journal,
+           still owns the slots and refuses this: it is exported and staged again;
+        4. every destination adopts what was staged and owns the slots (``own_slots``).
+
+        A failure before 3 cancels it all (sources keep their slots, destinations drop
+        what was staged) and raises. Returns how many keys with pending state moved."""
+        from .control import _first_line  # the one way errors are shortened for users
+
+        shards = self._shards
+        sources = {i: slots for i, slots in losing.items() if slots}
+
+        def export(i: int) -> Any:
+            moves = {s: table[s] for s in sources[i]}
+            return self._shards[i].export_slots.remote(moves, epoch)
+
+        def stage(i: int, parts: dict[int, bytes]) -> None:
+            ray.get([shards[j].stage_slots.remote(epoch, i, blob)
+                     for j, blob in parts.items()], timeout=120)
+
+        handed = 0
+        finished: set[int] = set()
+        try:
+            refs = {i: export(i) for i in sources}
+            exported, failed = {}, {}
+            for i, ref in refs.items():
+                try:
+                    exported[i] = ray.get(ref, timeout=600)
+                except Exception as e:
+                    failed[i] = e
+            if failed:
+                raise RuntimeError("; ".join(f"shard {i}: {_first_line(e)[:300]}"
+                                             for i, e in failed.items()))
+            for i, parts in exported.items():
+                try:
+                    stage(i, parts)
+                except Exception as e:
+                    raise RuntimeError(f"staging shard {i}'s slots: {_first_line(e)[:300]}"
+                                       ) from e
+            deadline = time.monotonic() + deadline_s
+            for i in sources:
+                while True:
+                    try:
+                        ray.get(self._shards[i].finish_handoff.remote(epoch), timeout=120)
+                        break
+                    except Exception as e:
+                        if time.monotonic() > deadline:
+                            raise
+                        # Restarted (or promoted) since its export: it replayed its journal
+                        # and owns the slots again, with what was pending and any write
+                        # acknowledged since. Export that, stage it over the first one.
+                        log.warning("reshard epoch %d: shard %d refused to finish its "
+                                    "handoff (%s); exporting again", epoch, i,
+                                    _first_line(e)[:300])
+                        time.sleep(0.5)
+                        try:
+                            parts = ray.get(export(i), timeout=600)
+                            stage(i, parts)
+                        except Exception as again:
+                            log.warning("reshard epoch %d: shard %d: %s", epoch, i, again)
+                finished.add(i)
+                handed += sum(len(pickle.loads(b)) for b in exported[i].values())
+        except Exception:
+            if finished:  # they dropped what they handed over: there is no way back
+                raise _Stuck(f"shard(s) {sorted(finished)} handed their slots over, shard(s) "
+                             f"{sorted(set(sources) - finished)} could not (their state "
+                             "is kept in their journals and in the new owners' journals)"
+                             ) from None
+            for i in sources:
+                try:
+                    ray.get(self._shards[i].cancel_handoff.remote(epoch), timeout=60)
+                except Exception as e:
+                    log.error("reshard abort: shard %d could not cancel its handoff: %s "
+                              "(it cancels it itself when its freeze runs out)", i, e)
+            for j in {j for j, slots in gaining.items() if slots}:
+                try:
+                    ray.get(shards[j].discard_staged.remote(epoch), timeout=60)
+                except Exception as e:
+                    log.error("reshard abort: shard %d kept staged state: %s", j, e)
+            raise
+        deadline = time.monotonic() + deadline_s
+        for j, slots in gaining.items():
+            if not slots:
+                continue
+            while True:  # journaled since step 2: a restarted destination still has it
+                try:
+                    ray.get(self._shards[j].own_slots.remote(slots, epoch), timeout=120)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+        return handed
 
     def _start_shard(self, i: int, epoch: int, load: dict[str, int]) -> Any:
         """A new shard ``i`` for a reshard: it owns no slot until ``own_slots``, and checks

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +32,7 @@ from .protocol import Op, array_header
 from .replica import MirrorLink
 from .session import Sessions
 from .shard import ShardCore
-from .slots import OWNS, SlotMap, replay_filter
+from .slots import ADOPT, HANDOFF, OWNS, TAKEN, SlotMap, expand_handoffs, replay_filter
 from .transport import Packed, ShardServer
 
 __all__ = ["Grant", "ShardHost"]
@@ -92,6 +94,11 @@ class ShardHost:
         # shard restarted, say) is applied once. Under the core's lock, as the journal is.
         self.sessions = Sessions(self.core._lock, self.journal, index)
         self.sessions.on_resent = self._learn_function
+        # Pending state a reshard handed here, journaled but not owned yet (the reshard's
+        # last step, ``own_slots``, adopts it): (epoch, source shard) -> its HANDOFF record.
+        self._staged: dict[tuple[int, int], list[Any]] = {}
+        # The handoff under way from this shard, if any (see ``export_slots``).
+        self._handing: dict[str, Any] | None = None
         if self.journal is not None:
             # A restarted shard first applies what its previous run acknowledged and no
             # flush stored (and learns which requests those were, and which slots it owns);
@@ -161,25 +168,35 @@ class ShardHost:
         restarted primary takes its backup back here, so nothing is acknowledged alone)."""
 
     def _segment_head(self) -> list[list[Any]]:
-        return [self.sessions.snapshot(), self.slots.record()]
+        # Staged handoffs too: the segment that holds them may be released before they are
+        # taken (a flush of this shard's own keys).
+        return [self.sessions.snapshot(), self.slots.record(), *self._staged.values()]
 
     def _unwrapped(self, records: Any) -> Any:
         """The journal's records, the session and slot ones taken in (a request's own
         records are handed on for the core to replay), without the writes of slots that
         were given away later (they were stored first: see ``slots.replay_filter``)."""
-        for record in replay_filter(list(records), REQUEST, (WRITE, DELETE)):
+        for record in replay_filter(list(expand_handoffs(records)), REQUEST,
+                                    (WRITE, DELETE, ADOPT)):
             if record[0] in (REQUEST, SESSIONS):
                 yield from self.sessions.replayed(record)
             elif record[0] == OWNS:
                 self.slots.restore(record)
+            elif record[0] == HANDOFF:
+                self._staged[(record[1], record[2])] = record
+            elif record[0] == TAKEN:
+                for key in [k for k in self._staged if k[0] == record[1]]:
+                    del self._staged[key]
             else:
                 yield record
 
     # -- leases ------------------------------------------------------------------------------
-    def _wait_unleased(self, kbs: Any) -> None:
+    def _wait_unleased(self, kbs: Any) -> bool:
         """Hold the caller until no other client owns any of ``kbs``. Call with the core lock
-        held: the wait releases it, and the caller's operation runs under the same hold."""
+        held: the wait releases it, and the caller's operation runs under the same hold.
+        Returns whether it waited."""
         leases = self._leases
+        waited = False
         while True:
             now = time.monotonic()
             blocked = None
@@ -198,19 +215,21 @@ class ShardHost:
                     self.lease_stats["recalls"] += 1
                 blocked = rec
             if blocked is None:
-                return
+                return waited
             self._lease_cond.notify_all()  # wakes the owner's long poll
             self._lease_cond.wait(max(0.0005, blocked.expires - now))
+            waited = True
 
-    def _admit(self, kb: bytes | None = None) -> None:
+    def _admit(self, kb: bytes | None = None) -> bool:
         """Let a write in (call with the core lock held): refused if the shard is closing;
         while the write buffer is full (``max_pending``/``max_pending_bytes``), wait for a
         flush to make room (the wait releases the lock), up to ``backpressure_timeout_s``,
-        then BackpressureError. A write to a key already pending takes no more room."""
+        then BackpressureError. A write to a key already pending takes no more room.
+        Returns whether it waited."""
         self._refuse_if_closing()
         core = self.core
         if not core.full() or (kb is not None and kb in core._dirty):
-            return
+            return False
         core.c["backpressure_waits"] += 1
         deadline = time.monotonic() + self.backpressure_timeout_s
         while core.full():
@@ -226,6 +245,22 @@ class ShardHost:
                     f"({m['last_errors'] or 'no store error yet'}); write refused")
             self._lease_cond.wait(min(left, 0.05))  # the flush timer runs meanwhile
             self._refuse_if_closing()
+        return True
+
+    def _enter(self, kbs: Any, write: bool = False, kb: bytes | None = None) -> None:
+        """Let a request on ``kbs`` in (call with the core lock held): refuse keys of slots
+        this shard does not own (MovedError), then, for a ``write``, wait for room in the
+        buffer (``_admit``; ``kb``: its one key), and wait while another client leases one
+        of them. After any wait, all of it again: the wait released the lock, and a reshard
+        may have handed the slots away meanwhile (a write let in then would be lost)."""
+        while True:
+            if self.slots.checked:
+                self.slots.check(kbs)
+            waited = self._admit(kb) if write else False
+            if self._leases and self._wait_unleased(kbs):
+                waited = True
+            if not waited:
+                return
 
     def _refuse_if_closing(self) -> None:
         if self._closing:
@@ -296,10 +331,7 @@ class ShardHost:
     # -- socket handlers --------------------------------------------------------------------
     def _read(self, kb: bytes, ab: bytes | None, ckpt: bytes | None = None) -> bytes:
         with self._lease_cond:
-            if self.slots.checked:
-                self.slots.check((kb,))
-            if self._leases:
-                self._wait_unleased((kb,))
+            self._enter((kb,))
             if ckpt:
                 return self.core.read(kb, ab, checkpoint=_unpickle_checkpoint(
                     ckpt, self.allow_pickle))
@@ -307,10 +339,7 @@ class ShardHost:
 
     def _read_many(self, kbs: list[bytes], abs_: list[bytes | None] | None) -> list[bytes]:
         with self._lease_cond:
-            if self.slots.checked:
-                self.slots.check(kbs)
-            if self._leases:
-                self._wait_unleased(kbs)
+            self._enter(kbs)
             return self.core.read_many(kbs, abs_)
 
     def _guard(self, kbs: Any, owner: bytes | None = None) -> Any:
@@ -318,6 +347,8 @@ class ShardHost:
         The core calls it again after every wait for a store, so the check and the
         operation it guards happen in one hold of the lock."""
         def guard() -> None:
+            if self.slots.checked:  # the wait for the store let a reshard run
+                self.slots.check(kbs)
             if self._leases:
                 self._wait_unleased([kb for kb in kbs if kb in self._leases
                                      and self._leases[kb].owner != owner])
@@ -332,11 +363,7 @@ class ShardHost:
     def _write(self, kb: bytes, ab: bytes | None, vb: bytes, ckpt: bytes | None = None,
                ttl_s: float | None = None) -> None:
         with self._lease_cond:
-            if self.slots.checked:
-                self.slots.check((kb,))
-            self._admit(kb)
-            if self._leases:
-                self._wait_unleased((kb,))
+            self._enter((kb,), True, kb)
             if ckpt:
                 self.core.write(kb, ab, vb, ttl_s=ttl_s,
                                 checkpoint=_unpickle_checkpoint(ckpt, self.allow_pickle))
@@ -345,36 +372,23 @@ class ShardHost:
 
     def _delete(self, kb: bytes, ab: bytes | None) -> None:
         with self._lease_cond:
-            if self.slots.checked:
-                self.slots.check((kb,))
-            self._admit(kb)
-            if self._leases:
-                self._wait_unleased((kb,))
+            self._enter((kb,), True, kb)
             self.core.delete(kb, ab)
 
     def _get(self, kb: bytes, ab: bytes | None) -> bytes | None:
         with self._lease_cond:
-            if self.slots.checked:
-                self.slots.check((kb,))
-            if self._leases:
-                self._wait_unleased((kb,))
+            self._enter((kb,))
             return self.core.read_stored(kb, ab)
 
     def _invalidate(self, kb: bytes) -> bool:
         with self._lease_cond:
-            if self.slots.checked:
-                self.slots.check((kb,))
-            if self._leases:
-                self._wait_unleased((kb,))
+            self._enter((kb,))
             return self.core.invalidate(kb)
 
     def _write_many(self, items: list[list[Any]], ckpt: bytes | None = None) -> int:
         with self._lease_cond:
-            if self.slots.checked:  # all or nothing: a refused batch applies no item
-                self.slots.check([item[0] for item in items])
-            self._admit()
-            if self._leases:
-                self._wait_unleased([item[0] for item in items])
+            # All or nothing: a batch with a key of a slot moved away applies no item.
+            self._enter([item[0] for item in items], True)
             if ckpt:
                 return self.core.write_many(
                     items, checkpoint=_unpickle_checkpoint(ckpt, self.allow_pickle))
@@ -393,9 +407,7 @@ class ShardHost:
             fn = cloudpickle.loads(fn_blob)
             self.core.register_function(digest, fn)
         with self._lease_cond:
-            if self.slots.checked:
-                self.slots.check((kb,))
-            self._admit(kb)
+            self._enter((kb,), True, kb)
             return self.core.update(kb, ab, fn, guard=self._guard((kb,)))
 
     def _learn_function(self, req: list[Any]) -> None:
@@ -415,9 +427,7 @@ class ShardHost:
             raise LookupError(f"shard {self.index}: no update function named {name!r}; "
                               f"registered: {known}")
         with self._lease_cond:
-            if self.slots.checked:
-                self.slots.check((kb,))
-            self._admit(kb)
+            self._enter((kb,), True, kb)
             return self.core.update(kb, ab, fn, guard=self._guard((kb,)))
 
     # -- resharding -------------------------------------------------------------------------
@@ -433,22 +443,28 @@ class ShardHost:
                     # for that table (with the current one it would only retry, here).
                     raise MovedError(self.index, self._leaving_epoch, slot)
 
-    def release_slots(self, slots: list[int], epoch: int, lease_wait_s: float = 30.0) -> int:
-        """Give ``slots`` away (a reshard moves them to another shard): refuse new leases on
-        them and wait for the held ones to come back (recalled, as for any other client),
-        then refuse every request on them, flush, drop their cached entries and journal
-        the new map. Returns the keys dropped. If the flush fails (a store is down), the
-        slots stay this shard's and FlushError is raised: nothing moved."""
-        moving = set(slots)
+    def export_slots(self, moves: dict[int, int], epoch: int, lease_wait_s: float = 30.0,
+                     freeze_s: float = 120.0) -> dict[int, bytes]:
+        """First step of handing slots to other shards (a reshard; ``moves``: slot -> the
+        shard it goes to): refuse new leases on them and wait for the held ones to come
+        back (recalled, as for any other client); then refuse every request on them
+        (MovedError naming ``epoch``), hold this shard's flushes and return everything
+        pending on them (``ShardCore.export_keys``), pickled per receiving shard.
+
+        Nothing is dropped or journaled yet: ``finish_handoff`` does that once the new
+        owners hold the state, ``cancel_handoff`` undoes this step. If neither comes within
+        ``freeze_s`` (the coordinator died), the shard cancels it itself, and a late
+        ``finish_handoff`` is refused."""
+        moving = set(moves)
         if self.journal is None:
             raise ValueError(f"shard {self.index}: resharding needs the journal (a restarted "
                              "shard learns which slots it owns from it)")
         with self._lease_cond:
-            dead = [d for d in self.core.dead_letters() if slot_of(d["kb"]) in moving] \
-                if self.core._dead else []
-            if dead:
-                raise ValueError(f"shard {self.index}: {len(dead)} dead letter(s) on slots "
-                                 "being moved; retry or discard them first")
+            if self._handing is not None:
+                if self._handing["epoch"] == epoch and self._handing["slots"] == moving:
+                    return self._handing["parts"]  # a retried call: the same answer
+                raise RuntimeError(f"shard {self.index}: a handoff of epoch "
+                                   f"{self._handing['epoch']} is under way")
             self._leaving, self._leaving_epoch = moving, epoch
             try:
                 held = [kb for kb in self._leases if slot_of(kb) in moving]
@@ -458,28 +474,109 @@ class ShardHost:
                             time.monotonic() < deadline:
                         self._wait_unleased([kb for kb in held if kb in self._leases])
                 before = self.slots.record()
-                self.slots.give(moving, epoch)
+                self.slots.give(moving, epoch)  # in memory only until finish_handoff
+                self.core.hold_flushes(True)
                 try:
-                    self.core.flush_count()  # what moves is stored: the new owner reads it
+                    states: dict[int, list[Any]] = {}
+                    for state in self.core.export_keys(lambda kb: slot_of(kb) in moving):
+                        states.setdefault(moves[slot_of(state[0])], []).append(state)
+                    parts = {dest: pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL)
+                             for dest, part in states.items()}
                 except BaseException:
-                    self.slots.restore(before)  # nothing moved
+                    self.slots.restore(before)
+                    self.core.hold_flushes(False)
                     raise
-                dropped = self.core.forget(lambda kb: slot_of(kb) in moving)
-                self.journal.append(self.slots.record())
             finally:
                 self._leaving = set()
+            timer = threading.Timer(freeze_s, self.cancel_handoff, (epoch, True))
+            timer.daemon = True
+            self._handing = {"epoch": epoch, "slots": moving, "before": before,
+                             "parts": parts, "timer": timer}
+            timer.start()
+        return parts
+
+    def finish_handoff(self, epoch: int) -> int:
+        """Last step of handing slots away, once their new owner journaled their state
+        (``stage_slots``): drop everything of them here, journal the new slot map, let
+        flushes run again. Returns how many keys with pending state went. Raises
+        RuntimeError if no handoff of ``epoch`` is under way (this process restarted, or
+        it gave up waiting): the coordinator then exports again, or aborts."""
+        with self._lease_cond:
+            handing = self._handing
+            if handing is None or handing["epoch"] != epoch:
+                raise RuntimeError(f"shard {self.index}: no handoff of epoch {epoch} under "
+                                   "way (restarted, or it timed out and was cancelled)")
+            handing["timer"].cancel()
+            moving = handing["slots"]
+            dropped = self.core.drop_keys(lambda kb: slot_of(kb) in moving)
+            self.journal.append(self.slots.record())
+            self._handing = None
+            self.core.hold_flushes(False)
         self.journal.commit()
         return dropped
 
-    def own_slots(self, slots: list[int], epoch: int) -> None:
-        """Take ``slots`` (a reshard moved them here; their writes are stored)."""
+    def cancel_handoff(self, epoch: int, timed_out: bool = False) -> bool:
+        """Undo ``export_slots`` of ``epoch`` (the reshard aborts): the slots are this
+        shard's again, with all their state, and flushes run. Whether one was undone."""
         with self._lease_cond:
+            handing = self._handing
+            if handing is None or handing["epoch"] != epoch:
+                return False
+            handing["timer"].cancel()
+            self.slots.restore(handing["before"])
+            self._handing = None
+            self.core.hold_flushes(False)
+        if timed_out:
+            log.error("shard %d: the handoff of epoch %d was neither finished nor cancelled "
+                      "in time; the slots are this shard's again", self.index, epoch)
+        return True
+
+    def stage_slots(self, epoch: int, source: int, blob: bytes) -> int:
+        """Second step of a handoff, on the receiving shard: journal the state ``source``
+        exported for epoch ``epoch`` (replacing an earlier export of the same source and
+        epoch); it is adopted by ``own_slots``. Returns how many keys it holds."""
+        if self.journal is None:
+            raise ValueError(f"shard {self.index}: resharding needs the journal")
+        record = [HANDOFF, epoch, source, blob]
+        with self._lease_cond:
+            self._staged[(epoch, source)] = record
+            self.journal.append(record)
+        self.journal.commit()  # on disk (and on the backup) before the source drops it
+        return len(pickle.loads(blob))
+
+    def discard_staged(self, epoch: int) -> int:
+        """Forget the state staged for ``epoch`` (the reshard aborted). Returns how many
+        sources' states went."""
+        with self._lease_cond:
+            gone = [k for k in self._staged if k[0] == epoch]
+            for k in gone:
+                del self._staged[k]
+            if gone and self.journal is not None:
+                self.journal.append([TAKEN, epoch, False])  # none of it adopted on replay
+        if gone and self.journal is not None:
+            self.journal.commit()
+        return len(gone)
+
+    def own_slots(self, slots: list[int], epoch: int) -> int:
+        """Take ``slots`` (a reshard moved them here), with whatever was staged for them
+        (``stage_slots``): it pends here from now on, flushed by this shard. Idempotent.
+        Returns how many keys were adopted."""
+        adopted = 0
+        with self._lease_cond:
+            staged = [k for k in self._staged if k[0] == epoch]
+            for k in staged:
+                adopted += self.core.adopt(pickle.loads(self._staged[k][3]))
+            if staged:
+                self.journal.append([TAKEN, epoch, True])
+                for k in staged:
+                    del self._staged[k]
             self.slots.take(slots, epoch)
             self.slots.checked = True
             if self.journal is not None:
                 self.journal.append(self.slots.record())
         if self.journal is not None:
             self.journal.commit()
+        return adopted
 
     # -- control plane ----------------------------------------------------------------------
     def address(self) -> dict[str, Any]:
@@ -589,9 +686,12 @@ class ShardHost:
 
     def close(self, disconnect: bool = False) -> dict[str, Any]:
         """Refuse writes, flush and stop serving; if a store fails, raise FlushError and
-        keep serving (writes accepted again), so nothing buffered is lost."""
+        keep serving (writes accepted again), so nothing buffered is lost. A handoff under
+        way from this shard is cancelled first (a reshard cannot finish without it)."""
         with self._lease_cond:
             self._closing = True
+            if self._handing is not None:
+                self.cancel_handoff(self._handing["epoch"])
         try:
             metrics = self.core.close(disconnect=disconnect)
         except BaseException:

@@ -41,6 +41,7 @@ from .connector import (
 )
 from .errors import FlushError, StoreDataError, StoreUnavailableError, WriteError
 from .journal import DEAD, DELETE, UNDEAD, WRITE, Journal
+from .slots import ADOPT
 from .storeio import StoreThread, StoreTimeout
 
 __all__ = ["ShardCore", "default_merge"]
@@ -208,6 +209,7 @@ class ShardCore:
         self._cond = threading.Condition(self._lock)
         self.store_timeout_s = store_timeout_s
         self._flushing = False  # a flush is between its snapshot and its merge
+        self._held = False  # flushes held while a reshard hands keys away (hold_flushes)
         # Misses being read from the stores: key -> how many reads of it are in flight; a
         # key written meanwhile goes into _stale, and such a read's result is not cached
         # (the write may have been flushed and evicted before the read returns).
@@ -696,6 +698,108 @@ class ShardCore:
             self._stale.update(kb for kb in self._loading if which(kb))
             return len(gone)
 
+    # -- handing keys to another shard (resharding) -----------------------------------------
+    def hold_flushes(self, held: bool) -> None:
+        """Hold (True) or let go (False) every flush: while a reshard hands keys away, a
+        flush here must not store what the new owner may already have overwritten. A timed
+        flush skips meanwhile; an explicit one waits. Call with the lock held."""
+        self._held = held
+        if held:
+            while self._flushing:  # the running flush ends first (its keys come back, or go)
+                self._cond.wait()
+        else:
+            self._cond.notify_all()
+            if self._dirty:
+                self._wake.set()
+
+    def export_keys(self, which: Callable[[bytes], bool]) -> list[list[Any]]:
+        """The whole state of the keys ``which`` selects that a store does not have yet,
+        one ``[kb, vb, absent, ttl left, {connector id: payload}, size, [[cid, error,
+        attempts, payload], ...] (dead letters), {cid: [refusals, error]}]`` each: their
+        pending payloads (exactly what this shard would flush), cached value and time to
+        live, dead letters and attempt counts. Call with the lock held and flushes held."""
+        assert not self._flushing, "export_keys needs flushes held"
+        keys = {kb for kb in self._dirty if which(kb)}
+        keys.update(kb for _, kb in self._dead if which(kb))
+        keys.update(kb for _, kb in self._attempts if which(kb))
+        now = self._clock()
+        out = []
+        for kb in keys:
+            at = self._expires.get(kb)
+            out.append([
+                kb, self._entries.get(kb), kb in self._absent,
+                None if at is None else max(0.0, at - now),
+                {cid: self._pending[cid][kb] for cid in self._ids if kb in self._pending[cid]},
+                self._pending_sizes.get(kb),
+                [[d.cid, d.error, d.attempts, d.payload] for cid in self._ids
+                 if (d := self._dead.get((cid, kb))) is not None],
+                {cid: list(a) for cid in self._ids
+                 if (a := self._attempts.get((cid, kb))) is not None},
+            ])
+        return out
+
+    def adopt(self, states: Iterable[Sequence[Any]]) -> int:
+        """Take over keys another shard exported (``export_keys``): their payloads pend here
+        as they did there, replacing whatever this shard had of them. Not journaled here
+        (the host journals the handoff). Call with the lock held; returns how many."""
+        n = 0
+        for kb, vb, absent, ttl, payloads, size, dead, attempts in states:
+            for cid in self._ids:
+                self._pending[cid].pop(kb, None)
+                self._dead.pop((cid, kb), None)
+                self._attempts.pop((cid, kb), None)
+            self._dirty.discard(kb)
+            self._pending_bytes -= self._pending_sizes.pop(kb, 0)
+            self._drop(kb)
+            unknown = set(payloads) - set(self._ids)
+            if unknown:
+                raise ValueError(f"shard {self.index}: handed payloads for connector(s) "
+                                 f"{sorted(unknown)} it does not have")
+            for cid, payload in payloads.items():
+                self._pending[cid][kb] = payload
+            if payloads:
+                self._dirty.add(kb)
+                self._pending_sizes[kb] = size if size is not None else len(kb)
+                self._pending_bytes += self._pending_sizes[kb]
+                if self._oldest_pending is None:
+                    self._oldest_pending = self._clock()
+            for cid, error, count, payload in dead:
+                self._dead[(cid, kb)] = DeadLetter(kb, cid, error, count, payload)
+            for cid, (count, error) in attempts.items():
+                self._attempts[(cid, kb)] = (count, error)
+            if vb is not None:
+                self._put(kb, vb)
+                if absent:
+                    self._absent.add(kb)
+                if ttl is not None:
+                    self._expires[kb] = self._clock() + ttl
+            if self._loading and kb in self._loading:
+                self._stale.add(kb)  # a store read of it in flight is older than this
+            n += 1
+        if self._dead:
+            self._dead_journaled_upto = -1  # said again at the next segment
+        return n
+
+    def drop_keys(self, which: Callable[[bytes], bool]) -> int:
+        """Forget everything of the keys ``which`` selects, pending writes and dead letters
+        included (a reshard handed them to another shard, which flushes them now). Call with
+        the lock held and flushes held; returns how many keys had pending state."""
+        assert not self._flushing, "drop_keys needs flushes held"
+        pending = [kb for kb in self._dirty if which(kb)]
+        for kb in pending:
+            for cid in self._ids:
+                self._pending[cid].pop(kb, None)
+            self._dirty.discard(kb)
+            self._pending_bytes -= self._pending_sizes.pop(kb, 0)
+        for key in [k for k in self._dead if which(k[1])]:
+            del self._dead[key]
+        for key in [k for k in self._attempts if which(k[1])]:
+            del self._attempts[key]
+        if not self._dirty:
+            self._oldest_pending = None
+        self.forget(which)
+        return len(pending)
+
     def invalidate_all(self) -> int:
         """Flush every pending write, then drop every entry; return how many were dropped."""
         with self._lock:
@@ -748,6 +852,8 @@ class ShardCore:
                         elif record[0] == UNDEAD:
                             self._undead(*record[1:])
                             continue
+                        elif record[0] == ADOPT:  # one key a reshard handed to this shard
+                            self.adopt([record[2]])
                         n += 1
                     except Exception as e:  # a connector refusing it now: say so, go on
                         log.error("shard %d: journal record not replayed: %r", self.index, e)
@@ -844,6 +950,10 @@ class ShardCore:
 
     def _flush(self, explicit: bool) -> Any:
         self._ran_checkpoint = False
+        while self._held:
+            if not explicit:
+                return 0
+            self._cond.wait()  # a reshard hands keys away: short, or it gives up
         while self._flushing:
             if self._store is None or not explicit:
                 # Re-entered from a connector (embedded), or a timed flush while another

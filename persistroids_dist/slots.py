@@ -7,14 +7,17 @@ wrong shard. An original shard that never gave a slot away skips the check: a cl
 epoch can only send it keys of slots it owns (tables only ever give it more).
 
 Ownership changes are journaled as ``OWNS`` records (the whole map), said again at the start
-of every segment. A shard gives slots away only after flushing them, so on replay every
-write or delete of a slot that a *later* ``OWNS`` record no longer owns was stored already:
-``replay_filter`` drops those records (applied again, an old write would later be flushed
-over the new owner's newer one).
+of every segment. A shard gives slots away only once their new owner holds what was pending
+on them (``HANDOFF``, journaled there first), so on replay every write or delete of a slot
+that a *later* ``OWNS`` record no longer owns lives on elsewhere: ``replay_filter`` drops
+those records (applied again, an old write would later be flushed over the new owner's
+newer one). ``expand_handoffs`` turns each ``TAKEN`` into one ``ADOPT`` record per key, so the
+same filter applies to handed-over keys.
 """
 
 from __future__ import annotations
 
+import pickle
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -22,9 +25,15 @@ from typing import Any
 from .codec import NUM_SLOTS
 from .errors import MovedError
 
-__all__ = ["OWNS", "SlotMap", "replay_filter", "slots_of_table"]
+__all__ = ["ADOPT", "HANDOFF", "OWNS", "TAKEN", "SlotMap", "expand_handoffs", "replay_filter",
+           "slots_of_table"]
 
 OWNS = 6  # journal record: [OWNS, epoch, bitmap bytes (one byte per slot: 1 owned)]
+# A reshard hands pending state over in two journaled steps on the receiving shard:
+HANDOFF = 7  # [HANDOFF, epoch, source shard, pickled key states]: staged, not owned yet
+TAKEN = 8  # [TAKEN, epoch, adopted]: the staged states of that epoch pend here from this
+#            point on (adopted True), or were discarded (False: the reshard aborted)
+ADOPT = 9  # [ADOPT, kb, key state]: one key of a TAKEN handoff (made on replay, not written)
 
 _crc32 = zlib.crc32
 
@@ -108,3 +117,20 @@ def replay_filter(records: list[Any], nested: int, kinds: tuple[int, ...]
             yield [*record[:4], [r for r in record[4] if keep(r, gone)]]
         elif keep(record, gone):
             yield record
+
+
+def expand_handoffs(records: Iterable[list[Any]]) -> Iterator[list[Any]]:
+    """``records`` with an ``[ADOPT, kb, state]`` record per key handed over before each
+    ``TAKEN`` (from the ``HANDOFF`` records of its epoch; a source's later HANDOFF replaces
+    its earlier one, as a retried reshard step does). HANDOFF and TAKEN pass on too."""
+    staged: dict[int, dict[int, list[Any]]] = {}
+    for record in records:
+        if record[0] == HANDOFF:
+            staged.setdefault(record[1], {})[record[2]] = record
+        elif record[0] == TAKEN:
+            handoffs = staged.pop(record[1], {}).values()
+            if record[2]:
+                for handoff in handoffs:
+                    for state in pickle.loads(handoff[3]):
+                        yield [ADOPT, state[0], state]
+        yield record

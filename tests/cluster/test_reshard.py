@@ -1,7 +1,7 @@
-"""Resharding a running cache (``cache.reshard(n)``): slot ranges move, flushed first, while
-writers in this process and in Ray tasks (other processes, with tables of their own) keep
-going. The final contents must equal a model of what was acknowledged, and counters must be
-exact: no write lost, none applied twice.
+"""Resharding a running cache (``cache.reshard(n)``): slot ranges move with what is pending on
+them, while writers in this process and in Ray tasks (other processes, with tables of their
+own) keep going. The final contents must equal a model of what was acknowledged, and
+counters must be exact: no write lost, none applied twice.
 """
 
 from __future__ import annotations
@@ -86,11 +86,14 @@ def test_resharding_refuses_what_it_cannot_do_and_says_why(make_cache, tmp_path)
     assert ok.reshard(2) == {"epoch": 0, "num_shards": 2, "moved_slots": 0}
 
 
-def test_a_reshard_whose_shards_cannot_flush_moves_nothing(make_cache, tmp_path):
+def test_a_reshard_while_the_store_is_down_moves_the_pending_writes(make_cache, tmp_path):
+    # Pending writes move with their slots (they are not flushed first), so a reshard does
+    # not need the stores: nothing is lost, and the new owners flush once the store is back.
     server = PrivateRedis(tmp_path / "redis")
     server.start()
+    prefix = f"{uuid.uuid4().hex[:6]}:"
     try:
-        cache = make_cache([RedisConnector(server.url, prefix=f"{uuid.uuid4().hex[:6]}:")],
+        cache = make_cache([RedisConnector(server.url, prefix=prefix)],
                            num_shards=2, journal=tmp_path / "journal", init_fn=zero,
                            writes_threshold=10**6, millis_threshold=600_000)
         for i in range(200):
@@ -98,18 +101,44 @@ def test_a_reshard_whose_shards_cannot_flush_moves_nothing(make_cache, tmp_path)
         cache.update("n", BUMP)
         cache.sync()
         server.stop()
-        with pytest.raises(Exception, match="reshard aborted, nothing moved"):
-            cache.reshard(4)
-        assert cache.num_shards == 2
-        # Still the two shards, everything still there (pending, in their journals).
+        out = cache.reshard(4)
+        assert out["num_shards"] == 4 and cache.num_shards == 4
+        assert out["handed_keys"] > 50  # about half of the 201 keys changed shard
         assert cache.read_many([f"k{i}" for i in range(200)]) == list(range(200))
         assert cache.update("n", BUMP) == 2
+        pending = [m["pending"] for m in cache.metrics()["shards"]]
+        assert sum(pending) == 201 and all(pending), pending  # every shard holds some
         server.start()
-        assert cache.reshard(4)["num_shards"] == 4
-        assert cache.read_many([f"k{i}" for i in range(200)]) == list(range(200))
-        assert cache.update("n", BUMP) == 3
+        cache.flush_now()
+        stored = RedisConnector(server.url, prefix=prefix)
+        try:
+            assert [stored.read(f"k{i}") for i in range(200)] == list(range(200))
+            assert stored.read("n") == 2
+        finally:
+            stored.disconnect()
     finally:
         server.stop()
+
+
+def test_a_reshard_that_cannot_start_moves_nothing(make_cache, tmp_path):
+    # One shard refuses its export (a handoff of its own is under way): the others take
+    # their slots back, the added shards go, and the cache goes on as it was.
+    cache = make_cache([SQLiteConnector(tmp_path / "store.db")], num_shards=2,
+                       journal=tmp_path / "journal", init_fn=zero,
+                       writes_threshold=10**6, millis_threshold=600_000)
+    for i in range(200):
+        cache.write(f"k{i}", i)
+    cache.sync()
+    shard1 = cache._pool.spec.shards[1]
+    ray.get(shard1.export_slots.remote({0: 0}, 99))  # busy: a reshard's export is refused
+    with pytest.raises(Exception, match="reshard aborted, nothing moved.*epoch 99"):
+        cache.reshard(4)
+    assert ray.get(shard1.cancel_handoff.remote(99))
+    assert cache.num_shards == 2
+    assert cache.read_many([f"k{i}" for i in range(200)]) == list(range(200))
+    assert cache.update("k0", BUMP) == 1
+    assert cache.reshard(4)["num_shards"] == 4
+    assert cache.read_many([f"k{i}" for i in range(200)]) == [1, *range(1, 200)]
 
 
 @ray.remote(num_cpus=0.5, max_retries=0)
