@@ -521,8 +521,8 @@ class Coordinator:
         where it lands before the next one undoes it elsewhere, so a shard process killed
         at any point loses nothing:
 
-        1. every source exports the slots' state (``export_slots``: refused from then on,
-           its flushes held, nothing dropped);
+        1. every source exports the slots' state and leases (``export_slots``: refused from
+           then on, its flushes held, nothing dropped);
         2. every destination journals the part meant for it (``stage_slots``);
         3. every source drops its copy and journals that it gave the slots away
            (``finish_handoff``). A source that restarted meanwhile replayed its journal,
@@ -540,9 +540,9 @@ class Coordinator:
             moves = {s: table[s] for s in sources[i]}
             return self._shards[i].export_slots.remote(moves, epoch)
 
-        def stage(i: int, parts: dict[int, bytes]) -> None:
-            ray.get([shards[j].stage_slots.remote(epoch, i, blob)
-                     for j, blob in parts.items()], timeout=120)
+        def stage(i: int, parts: dict[int, tuple[bytes, list[Any]]]) -> None:
+            ray.get([shards[j].stage_slots.remote(epoch, i, blob, grants)
+                     for j, (blob, grants) in parts.items()], timeout=120)
 
         handed = 0
         finished: set[int] = set()
@@ -585,7 +585,7 @@ class Coordinator:
                         except Exception as again:
                             log.warning("reshard epoch %d: shard %d: %s", epoch, i, again)
                 finished.add(i)
-                handed += sum(len(pickle.loads(b)) for b in exported[i].values())
+                handed += sum(len(pickle.loads(blob)) for blob, _ in exported[i].values())
         except Exception:
             if finished:  # they dropped what they handed over: there is no way back
                 raise _Stuck(f"shard(s) {sorted(finished)} handed their slots over, shard(s) "

@@ -24,7 +24,6 @@ from .errors import (
     CacheClosedError,
     FlushError,
     LeaseLostError,
-    MovedError,
     PicklingRefusedError,
 )
 from .journal import DELETE, REQUEST, SESSIONS, WRITE, Journal
@@ -97,6 +96,7 @@ class ShardHost:
         # Pending state a reshard handed here, journaled but not owned yet (the reshard's
         # last step, ``own_slots``, adopts it): (epoch, source shard) -> its HANDOFF record.
         self._staged: dict[tuple[int, int], list[Any]] = {}
+        self._staged_grants: dict[tuple[int, int], list[list[Any]]] = {}
         # The handoff under way from this shard, if any (see ``export_slots``).
         self._handing: dict[str, Any] | None = None
         if self.journal is not None:
@@ -128,8 +128,6 @@ class ShardHost:
         self._closing = False
         # The core's own condition: a finished flush wakes the writers waiting for room.
         self._lease_cond = self.core._cond
-        self._leaving: set[int] = set()  # slots being given away: no new leases on them
-        self._leaving_epoch = 0  # the epoch of the reshard giving them away
         self.lease_stats = {"leases_granted": 0, "recalls": 0, "leases_expired": 0}
         handlers = {
             Op.READ: self._read,
@@ -270,8 +268,8 @@ class ShardHost:
         """Grant ``owner`` exclusive use of ``kbs`` (recalling other owners first); return
         ``[generation, values]``: the grant's identity and the keys' current values."""
         with self._lease_cond:
-            if self.slots.checked or self._leaving:
-                self._refuse_leaving(kbs)
+            if self.slots.checked:
+                self.slots.check(kbs)
             self._refuse_if_closing()
             out = self.core.read_many(kbs, guard=self._guard(kbs, owner))
             expires = time.monotonic() + ttl_ms / 1000
@@ -290,6 +288,9 @@ class ShardHost:
         grants. Refused, applying nothing, if a written key's grant is no longer current
         (it expired, or was replaced): those writes were made under a lost lease."""
         with self._lease_cond:
+            if self.slots.checked:  # a reshard moved them (with their grants): go there
+                self.slots.check([item[0] for item in items])
+                self.slots.check([grant[0] for grant in grants])
             if items:
                 self._refuse_if_closing()
             lost = [kb for kb, _, _, gen in items if not self._holds(kb, owner, gen)]
@@ -317,6 +318,8 @@ class ShardHost:
         deadline = time.monotonic() + wait_ms / 1000
         with self._lease_cond:
             while True:
+                if self.slots.checked:  # a grant moved with its slot: renew it there
+                    self.slots.check([grant[0] for grant in grants])
                 now = time.monotonic()
                 for kb, gen in grants:
                     rec = self._leases.get(kb)
@@ -431,25 +434,13 @@ class ShardHost:
             return self.core.update(kb, ab, fn, guard=self._guard((kb,)))
 
     # -- resharding -------------------------------------------------------------------------
-    def _refuse_leaving(self, kbs: Any) -> None:
-        """For a LEASE: refuse keys of slots not owned, or about to be given away."""
-        self.slots.check(kbs)
-        leaving = self._leaving
-        if leaving:
-            for kb in kbs:
-                slot = slot_of(kb)
-                if slot in leaving:
-                    # The reshard's epoch, not this shard's current one: the client waits
-                    # for that table (with the current one it would only retry, here).
-                    raise MovedError(self.index, self._leaving_epoch, slot)
-
-    def export_slots(self, moves: dict[int, int], epoch: int, lease_wait_s: float = 30.0,
-                     freeze_s: float = 120.0) -> dict[int, bytes]:
+    def export_slots(self, moves: dict[int, int], epoch: int, freeze_s: float = 120.0
+                     ) -> dict[int, tuple[bytes, list[list[Any]]]]:
         """First step of handing slots to other shards (a reshard; ``moves``: slot -> the
-        shard it goes to): refuse new leases on them and wait for the held ones to come
-        back (recalled, as for any other client); then refuse every request on them
-        (MovedError naming ``epoch``), hold this shard's flushes and return everything
-        pending on them (``ShardCore.export_keys``), pickled per receiving shard.
+        shard it goes to): refuse every request on them (MovedError naming ``epoch``), hold
+        this shard's flushes and return, per receiving shard, everything pending on them
+        (``ShardCore.export_keys``, pickled) and the leases held on them (``[kb, owner,
+        generation, seconds left, recalled]``).
 
         Nothing is dropped or journaled yet: ``finish_handoff`` does that once the new
         owners hold the state, ``cancel_handoff`` undoes this step. If neither comes within
@@ -465,29 +456,29 @@ class ShardHost:
                     return self._handing["parts"]  # a retried call: the same answer
                 raise RuntimeError(f"shard {self.index}: a handoff of epoch "
                                    f"{self._handing['epoch']} is under way")
-            self._leaving, self._leaving_epoch = moving, epoch
+            before = self.slots.record()
+            self.slots.give(moving, epoch)  # in memory only until finish_handoff
             try:
-                held = [kb for kb in self._leases if slot_of(kb) in moving]
-                if held:  # recalled like any other client's access; expired at worst
-                    deadline = time.monotonic() + lease_wait_s
-                    while any(kb in self._leases for kb in held) and \
-                            time.monotonic() < deadline:
-                        self._wait_unleased([kb for kb in held if kb in self._leases])
-                before = self.slots.record()
-                self.slots.give(moving, epoch)  # in memory only until finish_handoff
-                self.core.hold_flushes(True)
-                try:
-                    states: dict[int, list[Any]] = {}
-                    for state in self.core.export_keys(lambda kb: slot_of(kb) in moving):
-                        states.setdefault(moves[slot_of(state[0])], []).append(state)
-                    parts = {dest: pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL)
-                             for dest, part in states.items()}
-                except BaseException:
-                    self.slots.restore(before)
-                    self.core.hold_flushes(False)
-                    raise
-            finally:
-                self._leaving = set()
+                self.core.hold_flushes(True)  # may wait for a running flush (lock released)
+                states: dict[int, list[Any]] = {}
+                for state in self.core.export_keys(lambda kb: slot_of(kb) in moving):
+                    states.setdefault(moves[slot_of(state[0])], []).append(state)
+            except BaseException:
+                self.slots.restore(before)
+                self.core.hold_flushes(False)
+                raise
+            # Leases move too: the owner's pushes and renewals go to the new owner, which
+            # honours the same grant (owner, generation, time left, recalled or not).
+            now = time.monotonic()
+            grants: dict[int, list[list[Any]]] = {}
+            for kb, g in self._leases.items():
+                slot = slot_of(kb)
+                if slot in moving:
+                    grants.setdefault(moves[slot], []).append(
+                        [kb, g.owner, g.gen, max(0.0, g.expires - now), g.recalled])
+            parts = {dest: (pickle.dumps(states.get(dest, []), protocol=pickle.HIGHEST_PROTOCOL),
+                            grants.get(dest, []))
+                     for dest in set(states) | set(grants)}
             timer = threading.Timer(freeze_s, self.cancel_handoff, (epoch, True))
             timer.daemon = True
             self._handing = {"epoch": epoch, "slots": moving, "before": before,
@@ -509,6 +500,9 @@ class ShardHost:
             handing["timer"].cancel()
             moving = handing["slots"]
             dropped = self.core.drop_keys(lambda kb: slot_of(kb) in moving)
+            for kb in [kb for kb in self._leases if slot_of(kb) in moving]:
+                del self._leases[kb]  # the new owner honours them
+            self._lease_cond.notify_all()  # their owners' polls here learn of the move
             self.journal.append(self.slots.record())
             self._handing = None
             self.core.hold_flushes(False)
@@ -531,15 +525,18 @@ class ShardHost:
                       "in time; the slots are this shard's again", self.index, epoch)
         return True
 
-    def stage_slots(self, epoch: int, source: int, blob: bytes) -> int:
+    def stage_slots(self, epoch: int, source: int, blob: bytes,
+                    grants: list[list[Any]] | None = None) -> int:
         """Second step of a handoff, on the receiving shard: journal the state ``source``
         exported for epoch ``epoch`` (replacing an earlier export of the same source and
-        epoch); it is adopted by ``own_slots``. Returns how many keys it holds."""
+        epoch); it is adopted by ``own_slots``, and the leases ``grants`` installed then
+        (kept in memory only, as every lease is). Returns how many keys it holds."""
         if self.journal is None:
             raise ValueError(f"shard {self.index}: resharding needs the journal")
         record = [HANDOFF, epoch, source, blob]
         with self._lease_cond:
             self._staged[(epoch, source)] = record
+            self._staged_grants[(epoch, source)] = list(grants or [])
             self.journal.append(record)
         self.journal.commit()  # on disk (and on the backup) before the source drops it
         return len(pickle.loads(blob))
@@ -551,6 +548,7 @@ class ShardHost:
             gone = [k for k in self._staged if k[0] == epoch]
             for k in gone:
                 del self._staged[k]
+                self._staged_grants.pop(k, None)
             if gone and self.journal is not None:
                 self.journal.append([TAKEN, epoch, False])  # none of it adopted on replay
         if gone and self.journal is not None:
@@ -564,8 +562,12 @@ class ShardHost:
         adopted = 0
         with self._lease_cond:
             staged = [k for k in self._staged if k[0] == epoch]
+            now = time.monotonic()
             for k in staged:
                 adopted += self.core.adopt(pickle.loads(self._staged[k][3]))
+                for kb, owner, gen, left, recalled in self._staged_grants.pop(k, []):
+                    self._leases[kb] = Grant(owner, gen, now + left, recalled)
+                    self._gen = max(self._gen, gen)
             if staged:
                 self.journal.append([TAKEN, epoch, True])
                 for k in staged:

@@ -41,8 +41,9 @@ class Router(Protocol):
         """The shard that owns key bytes ``kb``."""
         ...
 
-    def scatter(self, frames: dict[int, bytes]) -> dict[int, Any]:
-        """Send one request per shard and collect the answers (one round trip)."""
+    def scatter(self, frames: dict[int, bytes], errors: bool = False) -> dict[int, Any]:
+        """Send one request per shard and collect the answers (one round trip); with
+        ``errors``, a shard's error is returned in place of its answer, else raised."""
         ...
 
     def sync(self) -> None:
@@ -168,13 +169,42 @@ class Ownership:
                 self.releasing.difference_update(kb for kb, _ in grants)
             self.released.notify_all()
 
+    def regroup(self, pushes: Pushes) -> Pushes:
+        """``pushes`` grouped by the shards that own their keys now (after a reshard)."""
+        out: Pushes = {}
+        shard_for = self.router.shard_for
+        for items, grants in pushes.values():
+            for item in items:
+                out.setdefault(shard_for(item[0]), ([], []))[0].append(item)
+            for grant in grants:
+                out.setdefault(shard_for(grant[0]), ([], []))[1].append(grant)
+        return out
+
     def push(self, pushes: Pushes, release: bool = True) -> None:
-        """Send owned writes to their shards; with ``release``, give the keys back too."""
-        frames = {s: protocol.release(self.owner, items, grants if release else [])
-                  for s, (items, grants) in pushes.items()}
+        """Send owned writes to their shards; with ``release``, give the keys back too.
+
+        A shard that refuses its part as moved applied none of it (a reshard took those
+        slots, and their grants, elsewhere): that part goes again, by the new table."""
         try:
-            if frames:
-                self.router.scatter(frames)
+            todo, failed = pushes, []
+            for _ in range(100):
+                frames = {s: protocol.release(self.owner, items, grants if release else [])
+                          for s, (items, grants) in todo.items()}
+                if not frames:
+                    break
+                out = self.router.scatter(frames, errors=True)
+                moved = {s: r for s, r in out.items() if isinstance(r, MovedError)}
+                failed += [r for r in out.values()
+                           if isinstance(r, BaseException) and not isinstance(r, MovedError)]
+                if not moved:
+                    break
+                self.router.refresh(max(e.epoch for e in moved.values()), force=True)
+                todo = self.regroup({s: todo[s] for s in moved})
+            else:
+                raise ShardUnavailableError("lease: a push still refused as moved after 100 "
+                                            "refreshes")
+            if failed:
+                raise failed[0]
         finally:
             if release:
                 self.done_releasing(pushes)
@@ -182,6 +212,28 @@ class Ownership:
     def release_all(self) -> None:
         """Give every owned key back (flush_now, shutdown)."""
         self.push(self.take(list(self.owned)))
+
+    def _release_moved(self, pushes: Pushes, epoch: int) -> None:
+        """Give back recalled grants that moved with their slots: by the new table, each on
+        a connection of its own (a shared one may be waiting on this very recall)."""
+        todo = pushes
+        for _ in range(100):
+            self.router.refresh(epoch)
+            left: Pushes = {}
+            for s, (items, grants) in self.regroup(todo).items():
+                conn = self.router.open_connection(s)
+                try:
+                    conn.call(protocol.release(self.owner, items, grants))
+                except MovedError as e:  # all or nothing per shard: nothing applied there
+                    left[s] = (items, grants)
+                    epoch = max(epoch, e.epoch)
+                finally:
+                    conn.close()
+            if not left:
+                return
+            todo = left
+        raise ShardUnavailableError("lease: a release still refused as moved after 100 "
+                                    "refreshes")
 
     # -- renewals and recalls ---------------------------------------------------------------
     def ensure_poller(self, shard: int) -> None:
@@ -214,7 +266,11 @@ class Ownership:
                 # loop does not open a connection (and a thread) per lease.
                 ttl = self.ttl_ms
                 wait = ttl / 4 if grants else min(ttl / 4, POLLER_IDLE_S * 500)
-                recalled = conn.call(protocol.poll(self.owner, ttl, wait, grants))
+                try:
+                    recalled = conn.call(protocol.poll(self.owner, ttl, wait, grants))
+                except MovedError as e:
+                    self._rehome(shard, e.epoch)
+                    continue
                 if recalled:
                     self._answer(conn, shard, recalled)
         except LeaseLostError as e:
@@ -228,6 +284,21 @@ class Ownership:
             with self._pollers_lock:
                 if self.pollers.get(shard) is threading.current_thread():
                     del self.pollers[shard]  # left by an error
+
+    def _rehome(self, shard: int, epoch: int) -> None:
+        """A reshard moved grants of ``shard`` with their slots (the shard refused to renew
+        them): take the new table, point those leases at their new shards and poll there."""
+        self.router.refresh(epoch)
+        moved: set[int] = set()
+        with self.lock:
+            for kb, e in self.owned.items():
+                if e.shard == shard and (now := self.router.shard_for(kb)) != shard:
+                    e.shard = now
+                    moved.add(now)
+        for s in moved:
+            self.ensure_poller(s)
+        if not moved:
+            time.sleep(0.01)  # refused before the table changed hands: ask again soon
 
     def _answer(self, conn: Connection, shard: int, recalled: list[list[Any]]) -> None:
         """Give back the recalled grants this process holds, with their writes.
@@ -245,7 +316,10 @@ class Ownership:
         try:
             if taken:
                 items, grants = taken[shard]
-                conn.call(protocol.release(self.owner, items, grants))
+                try:
+                    conn.call(protocol.release(self.owner, items, grants))
+                except MovedError as e:
+                    self._release_moved(taken, e.epoch)
         finally:
             self.done_releasing(taken)
         if len(mine) < len(recalled):

@@ -218,9 +218,9 @@ def test_a_process_that_has_not_met_a_refusal_still_sees_every_shard(make_cache,
 
 
 def test_leases_through_a_reshard_keep_every_increment(make_cache, tmp_path):
-    # A thread leases keys and increments them in-process while the cache reshards: the
-    # reshard recalls the leases on the slots it moves (their values go back first), new
-    # leases on them are refused until the new table is out, then granted by the new owner.
+    # A thread leases keys and increments them in-process while the cache reshards: leases
+    # held on the slots a reshard moves move with them, new leases on them are refused
+    # until the new table is out, then granted by the new owner.
     cache = make_cache([SQLiteConnector(tmp_path / "store.db")], num_shards=2,
                        journal=tmp_path / "journal", init_fn=zero)
     keys = [f"L{i}" for i in range(8)]
@@ -255,3 +255,32 @@ def test_leases_through_a_reshard_keep_every_increment(make_cache, tmp_path):
     assert not errors, errors[:5]
     assert sum(done.values()) > 100
     assert cache.read_many(keys) == [done[k] for k in keys]
+
+
+def test_a_lease_held_through_a_reshard_moves_with_its_slot(make_cache, tmp_path):
+    # Held across two reshards and for several times its time to live after them: never
+    # recalled, renewed by its new owners (else it would expire and its writes be refused
+    # at release), and every in-process increment lands.
+    cache = make_cache([SQLiteConnector(tmp_path / "store.db")], num_shards=2,
+                       journal=tmp_path / "journal", init_fn=zero)
+    keys = [f"held{i}" for i in range(16)]
+    first = cache.metrics()["shards"]
+    with cache.lease(*keys, ttl_ms=1000):
+        for k in keys:
+            cache.update(k, BUMP)
+        cache.reshard(5)
+        for k in keys:
+            cache.update(k, BUMP)
+        cache.reshard(3)
+        time.sleep(3.0)  # three times the lease's time to live
+        for k in keys:
+            cache.update(k, BUMP)
+        shards = cache.metrics()["shards"]
+    assert cache.read_many(keys) == [3] * len(keys)
+    granted = sum(m["leases_granted"] for m in shards) - sum(
+        m["leases_granted"] for m in first)
+    assert granted == len(keys) and sum(m["recalls"] for m in shards) == 0
+    assert sum(m["leases_expired"] for m in shards) == 0
+    # The grants live on the shards that own the keys now (some moved: 16 keys, 3 owners).
+    homes = {cache._pool.shard_for(cache._encode(k)[0]) for k in keys}
+    assert len(homes) > 1

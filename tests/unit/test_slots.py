@@ -8,6 +8,7 @@ No Ray: ShardHosts in this process, on a real SQLite file and real sockets.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -97,9 +98,9 @@ def call(host: ShardHost, frame: bytes):
 def hand(a: ShardHost, b: ShardHost, slots: list[int], epoch: int) -> int:
     """The coordinator's four steps of a reshard, for slots going from ``a`` to ``b``."""
     parts = a.export_slots({s: b.index for s in slots}, epoch)
-    for dest, blob in parts.items():
+    for dest, (blob, grants) in parts.items():
         assert dest == b.index
-        b.stage_slots(epoch, a.index, blob)
+        b.stage_slots(epoch, a.index, blob, grants)
     dropped = a.finish_handoff(epoch)
     b.own_slots(slots, epoch)
     return dropped
@@ -203,13 +204,13 @@ def test_a_source_restarted_mid_handoff_keeps_its_slots_and_is_exported_again(ho
     call(a, protocol.write(kb("k"), None, encode_value(1)))
     slot = slot_of(kb("k"))
     parts = a.export_slots({slot: 1}, epoch=1)
-    b.stage_slots(1, 0, parts[1])
+    b.stage_slots(1, 0, *parts[1])
     crash(a)  # killed between the export and the finish: it replays, owns the slot again
     a = hosts(0)
     call(a, protocol.write(kb("k"), None, encode_value(2)))  # an old-table client writes
     with pytest.raises(RuntimeError, match="no handoff of epoch 1"):
         a.finish_handoff(1)
-    b.stage_slots(1, 0, a.export_slots({slot: 1}, epoch=1)[1])  # over the first one
+    b.stage_slots(1, 0, *a.export_slots({slot: 1}, epoch=1)[1])  # over the first one
     assert a.finish_handoff(1) == 1
     assert b.own_slots([slot], 1) == 1
     assert decode_value(call(b, protocol.read(kb("k"), None))) == 2
@@ -221,7 +222,7 @@ def test_a_destination_restarted_before_or_after_taking_still_has_the_state(host
     for i in range(10):
         call(a, protocol.write(kb(f"k{i}"), None, encode_value(i)))
     slots = sorted({slot_of(kb(f"k{i}")) for i in range(10)})
-    b.stage_slots(1, 0, a.export_slots(dict.fromkeys(slots, 1), epoch=1)[1])
+    b.stage_slots(1, 0, *a.export_slots(dict.fromkeys(slots, 1), epoch=1)[1])
     crash(b)  # staged, not taken: the new process has it staged (from its journal)
     b = hosts(1, slots=b"\x00" * NUM_SLOTS, check_slots=True)
     assert b.core.metrics()["pending"] == 0 and len(b._staged) == 1
@@ -245,7 +246,7 @@ def test_a_cancelled_handoff_moves_nothing(hosts):
     b = hosts(1, slots=b"\x00" * NUM_SLOTS, check_slots=True)
     call(a, protocol.write(kb("k"), None, encode_value(1)))
     slot = slot_of(kb("k"))
-    b.stage_slots(1, 0, a.export_slots({slot: 1}, epoch=1)[1])
+    b.stage_slots(1, 0, *a.export_slots({slot: 1}, epoch=1)[1])
     with pytest.raises(MovedError):
         call(a, protocol.read(kb("k"), None))
     assert a.cancel_handoff(1) and b.discard_staged(1) == 1
@@ -288,15 +289,36 @@ def test_a_restarted_shard_replays_no_write_of_a_slot_it_gave_away(hosts):
     assert again.slots.epoch == 1 and again.slots.checked
 
 
-def test_a_lease_on_a_slot_being_given_away_is_refused_with_the_reshards_epoch(hosts):
-    # While a reshard recalls the leases on the slots it moves, a new lease on them is
-    # refused naming the reshard's epoch, so the client waits for that table instead of
-    # retrying here (with the shard's current epoch it would spin).
+def test_leases_move_with_their_slots(hosts):
+    # A lease held on a slot being handed over is not recalled: from the export on, a new
+    # lease, the owner's push and its renewal are refused naming the reshard's epoch (the
+    # client waits for that table instead of retrying here); the new owner honours the
+    # same grant, and another client's access there recalls it as usual.
     a = hosts(0)
+    b = hosts(1, slots=b"\x00" * NUM_SLOTS, check_slots=True)
     k = kb("leased")
-    a._leaving, a._leaving_epoch = {slot_of(k)}, 7
-    with pytest.raises(MovedError) as e:
-        call(a, protocol.lease([k], b"owner", 1000.0))
-    assert e.value.epoch == 7
-    a._leaving = set()
-    assert call(a, protocol.lease([k], b"owner", 1000.0))[0] > 0  # granted once it is over
+    call(a, protocol.write(k, None, encode_value(1)))
+    gen, _ = call(a, protocol.lease([k], b"owner", 60_000.0))
+    parts = a.export_slots({slot_of(k): 1}, epoch=7)
+    (grant,) = parts[1][1]
+    assert grant[:3] == [k, b"owner", gen] and 59 < grant[3] <= 60
+    for frame in (protocol.lease([k], b"other", 1000.0),
+                  protocol.release(b"owner", [[k, None, encode_value(2), gen]], [[k, gen]]),
+                  protocol.poll(b"owner", 1000.0, 0.0, [[k, gen]])):
+        with pytest.raises(MovedError) as e:
+            call(a, frame)
+        assert e.value.epoch == 7
+    b.stage_slots(7, 0, *parts[1])
+    a.finish_handoff(7)
+    b.own_slots([slot_of(k)], 7)
+    assert not a._leases and b._holds(k, b"owner", gen)
+    assert call(b, protocol.poll(b"owner", 60_000.0, 0.0, [[k, gen]])) == []  # renewed
+    # Another client's read there recalls it; the owner's release (with its write) is
+    # applied by the new owner under the moved grant, and the read then sees it.
+    got = []
+    reader = threading.Thread(target=lambda: got.append(call(b, protocol.read(k, None))))
+    reader.start()
+    assert call(b, protocol.poll(b"owner", 60_000.0, 5000.0, [[k, gen]])) == [[k, gen]]
+    call(b, protocol.release(b"owner", [[k, None, encode_value(2), gen]], [[k, gen]]))
+    reader.join(10)
+    assert [decode_value(v) for v in got] == [2]
