@@ -46,6 +46,14 @@ UNDEAD = 3  # [UNDEAD, connector id, kb, pickled payload (retried) | None (disca
 # then resent), and the session table, said again at the start of every new segment.
 REQUEST = 4  # [REQUEST, session id, seq, answer frame, [record, ...]]
 SESSIONS = 5  # [SESSIONS, [[session id, last seq, answer frame, [[seq, error frame]...]]...]]
+# (6-9: resharding, in ``slots``.) Checkpoints (a cache made with ``checkpoints=``): the
+# records since the previous SEAL are one epoch; the stores get an epoch only once it is
+# committed (its manifest is written), in epoch order.
+SEAL = 10  # [SEAL, epoch, segment]: the epoch's records end here (``segment``: this one)
+COMMITTED = 11  # [COMMITTED, epoch]: its manifest is written; the stores may have it
+APPLIED = 12  # [APPLIED, epoch]: the stores have it
+UNSEAL = 13  # [UNSEAL, epoch]: its checkpoint failed; its records belong to the next one
+ROLLBACK = 14  # [ROLLBACK, epoch]: everything after that epoch is dropped (a restore)
 
 
 
@@ -247,6 +255,11 @@ class Journal:
                     self._unsynced = False
 
     # -- trimming -------------------------------------------------------------------------
+    @property
+    def segment(self) -> int:
+        """The segment records are appended to now."""
+        return self._seg
+
     def rotate(self, min_bytes: int = 0) -> int:
         """Called when a flush takes the shard's buffer. If the current segment holds
         ``min_bytes`` or more, start a new one. Returns the last closed segment: every record

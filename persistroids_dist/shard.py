@@ -40,7 +40,18 @@ from .connector import (
     writer,
 )
 from .errors import FlushError, StoreDataError, StoreUnavailableError, WriteError
-from .journal import DEAD, DELETE, UNDEAD, WRITE, Journal
+from .journal import (
+    APPLIED,
+    COMMITTED,
+    DEAD,
+    DELETE,
+    ROLLBACK,
+    SEAL,
+    UNDEAD,
+    UNSEAL,
+    WRITE,
+    Journal,
+)
 from .slots import ADOPT
 from .storeio import StoreThread, StoreTimeout
 
@@ -79,6 +90,18 @@ class DeadLetter:
     error: str
     attempts: int
     payload: Any
+
+
+@dataclass
+class _Sealed:
+    """One closed epoch of a checkpointed shard: its payloads per connector (as a flush
+    takes them), its keys' sizes, their values then (``(vb, deleted)``, what a read answers
+    if a restore drops the newer writes) and the journal segment its SEAL record is in."""
+
+    payloads: dict[str, dict[bytes, Any]]
+    sizes: dict[bytes, int]
+    values: dict[bytes, tuple[bytes | None, bool]]
+    segment: int | None
 
 
 def _error_text(e: BaseException) -> str:
@@ -170,6 +193,7 @@ class ShardCore:
         journal: Journal | None = None,
         background: bool = False,
         store_timeout_s: float = 10.0,
+        staged: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         ids = [c.get_id() for c in connectors]
@@ -210,6 +234,13 @@ class ShardCore:
         self.store_timeout_s = store_timeout_s
         self._flushing = False  # a flush is between its snapshot and its merge
         self._held = False  # flushes held while a reshard hands keys away (hold_flushes)
+        # Checkpointed (``staged``): writes reach the stores only as part of a committed
+        # checkpoint. ``seal`` closes the open epoch (what is pending now); a sealed epoch
+        # is stored once ``commit`` says its manifest is written, oldest first.
+        self.staged = staged
+        self._sealed: dict[int, _Sealed] = {}  # epoch -> its writes, oldest first
+        self._sealed_keys: dict[bytes, int] = {}  # key -> sealed epochs holding a write of it
+        self._committed = -1  # the newest epoch whose checkpoint is committed
         # Misses being read from the stores: key -> how many reads of it are in flight; a
         # key written meanwhile goes into _stale, and such a read's result is not cached
         # (the write may have been flushed and evicted before the read returns).
@@ -337,12 +368,15 @@ class ShardCore:
         vb = self._entries.get(kb)
         if vb is not None and self._expires:
             at = self._expires.get(kb)
-            if at is not None and at <= self._clock() and kb not in self._dirty \
-                    and kb not in self._inflight:
+            if at is not None and at <= self._clock() and not self._unstored(kb):
                 self._drop(kb)
                 self.c["expired"] += 1
                 return None
         return vb
+
+    def _unstored(self, kb: bytes) -> bool:
+        """Whether ``kb`` has a write no store has yet (its cached value must stay)."""
+        return kb in self._dirty or kb in self._inflight or kb in self._sealed_keys
 
     def _over_capacity(self) -> bool:
         return len(self._entries) > self.max_entries or (
@@ -353,7 +387,7 @@ class ShardCore:
         flushed = False
         while len(entries) > 1 and self._over_capacity():
             kb = next(iter(entries))
-            if kb in self._dirty or kb in self._inflight:
+            if self._unstored(kb):
                 if flushed or self._inflight or self._store is not None:
                     # The flush failed, or one is running, or the flusher does it: stay over
                     # capacity rather than drop data that is not yet persisted.
@@ -677,10 +711,10 @@ class ShardCore:
         """Drop ``kb`` from the cache only (flushing its pending write first, so nothing is
         lost); the next read asks the stores. Returns whether it was cached."""
         with self._lock:
-            if kb in self._dirty or kb in self._inflight:
+            if (kb in self._dirty or kb in self._inflight) and not self.staged:
                 self._flush(explicit=True)  # raises FlushError, dropping nothing
             cached = kb in self._entries
-            if kb not in self._dirty and kb not in self._inflight:  # else newer than this call
+            if not self._unstored(kb):  # else newer than this call, or not stored yet
                 self._drop(kb)
             return cached
 
@@ -689,10 +723,9 @@ class ShardCore:
         gives its slot away, flushed), and keep a store read of one in progress from
         caching it; return how many entries went."""
         with self._lock:
-            gone = [kb for kb in self._entries if which(kb) and kb not in self._dirty
-                    and kb not in self._inflight]
+            gone = [kb for kb in self._entries if which(kb) and not self._unstored(kb)]
             gone += [kb for kb in self._absent if which(kb) and kb not in self._entries
-                     and kb not in self._dirty and kb not in self._inflight]
+                     and not self._unstored(kb)]
             for kb in gone:
                 self._drop(kb)
             self._stale.update(kb for kb in self._loading if which(kb))
@@ -800,12 +833,176 @@ class ShardCore:
         self.forget(which)
         return len(pending)
 
+    # -- checkpoints (staged) -------------------------------------------------------------
+    def seal(self, epoch: int, segment: int | None = None) -> dict[str, int]:
+        """Close the open epoch as ``epoch``: what is pending now is that checkpoint's, and
+        writes from now on are the next one's. Journaled (a SEAL record, then a new segment,
+        so the epoch's records end in segments of its own). Call with the lock held.
+        ``segment``: replay's (the record says it). Returns the epoch's counts."""
+        if not self.staged:
+            raise ValueError(f"shard {self.index} is not checkpointed")
+        keys, self._dirty = self._dirty, set()
+        if not keys:
+            return {"keys": 0, "bytes": 0}
+        payloads, self._pending = self._pending, {cid: {} for cid in self._ids}
+        sizes, self._pending_sizes, size = self._pending_sizes, {}, self._pending_bytes
+        self._pending_bytes = 0
+        self._oldest_pending = None
+        entries, absent = self._entries, self._absent
+        values = {kb: (entries.get(kb), kb in absent) for kb in keys}
+        if self.journal is not None:
+            segment = self.journal.segment
+            self.journal.append([SEAL, epoch, segment])
+            self.journal.rotate()
+        self._sealed[epoch] = _Sealed(payloads, sizes, values, segment)
+        counts = self._sealed_keys
+        for kb in keys:
+            counts[kb] = counts.get(kb, 0) + 1
+        return {"keys": len(keys), "bytes": size}
+
+    def _unseal_keys(self, sealed: _Sealed) -> None:
+        counts = self._sealed_keys
+        for kb in sealed.sizes:
+            n = counts.get(kb, 0) - 1
+            if n > 0:
+                counts[kb] = n
+            else:
+                counts.pop(kb, None)
+
+    def unseal(self, epoch: int) -> bool:
+        """The checkpoint of ``epoch`` failed: its writes are the open epoch's again (older
+        than the open epoch's own, which win). Call with the lock held."""
+        sealed = self._sealed.pop(epoch, None)
+        if sealed is None:
+            return False
+        self._unseal_keys(sealed)
+        for cid in self._ids:
+            merged = sealed.payloads[cid]
+            merged.update(self._pending[cid])
+            self._pending[cid] = merged
+        self._dirty.update(sealed.sizes)
+        for kb, size in sealed.sizes.items():
+            self._pending_sizes.setdefault(kb, size)
+        self._pending_bytes = sum(self._pending_sizes.values())
+        if self._oldest_pending is None and self._dirty:
+            self._oldest_pending = self._clock()
+        if self.journal is not None:
+            self.journal.append([UNSEAL, epoch])
+        return True
+
+    def commit(self, epoch: int) -> None:
+        """The checkpoint of ``epoch`` is committed: the stores may now have it, and every
+        older sealed epoch (stored oldest first, by the flusher). Call with the lock held."""
+        if epoch > self._committed:
+            self._committed = epoch
+            if self.journal is not None:
+                self.journal.append([COMMITTED, epoch])
+        if self._time_to_flush():
+            self._wake.set()
+
+    def rollback(self, epoch: int) -> int:
+        """Restore the checkpoint of ``epoch`` (committed): drop every write made after it
+        (the open epoch's, and sealed epochs after it); their keys read as of ``epoch`` (a
+        committed epoch not stored yet) or from the stores. Returns how many keys went back.
+        Call with the lock held."""
+        while self._flushing:
+            self._cond.wait()
+        touched = set(self._dirty)
+        self._pending = {cid: {} for cid in self._ids}
+        self._dirty = set()
+        self._pending_sizes, self._pending_bytes, self._oldest_pending = {}, 0, None
+        for e in [e for e in self._sealed if e > epoch]:
+            sealed = self._sealed.pop(e)
+            self._unseal_keys(sealed)
+            touched.update(sealed.sizes)
+        if epoch > self._committed:
+            self._committed = epoch
+        for kb in touched:
+            for sealed in reversed(self._sealed.values()):
+                if kb in sealed.values:
+                    vb, deleted = sealed.values[kb]
+                    if vb is not None:
+                        self._put(kb, vb)
+                        if deleted:
+                            self._absent.add(kb)
+                        else:
+                            self._absent.discard(kb)
+                        self._expires.pop(kb, None)
+                    break
+            else:
+                self._drop(kb)  # the stores have it as of the checkpoint
+            if self._loading and kb in self._loading:
+                self._stale.add(kb)
+        if self.journal is not None:
+            self.journal.append([ROLLBACK, epoch])
+        return len(touched)
+
+    def _apply_committed(self, explicit: bool) -> int:
+        """Store the committed sealed epochs, oldest first (the staged ``_flush``). An epoch
+        the stores refuse stays sealed (and the newer ones wait): retried with backoff."""
+        applied = 0
+        while self._flushing:
+            if self._store is None or not explicit:
+                return 0
+            self._cond.wait()
+        while self._sealed:
+            epoch = next(iter(self._sealed))
+            if epoch > self._committed:
+                break
+            sealed = self._sealed[epoch]
+            failed: dict[str, BaseException] = {}
+            failed_keys: set[bytes] = set()
+            self._inflight = set(sealed.sizes)
+            self._flushing = True
+            self.c["flush_calls"] += 1
+            try:
+                for conn, cid in zip(self.connectors, self._ids):
+                    if sealed.payloads[cid]:
+                        self._flush_one(conn, cid, sealed.payloads[cid], failed, failed_keys,
+                                        target=sealed.payloads)
+            finally:
+                self._inflight = set()
+                self._flushing = False
+                self._cond.notify_all()
+            if failed:
+                self._backoff = min(max(self._backoff * 2, 0.05), 5.0)
+                self._retry_at = self._clock() + self._backoff * random.uniform(0.5, 1.0)
+                self.c["retries"] += 1
+                if explicit:
+                    raise FlushError(self.index, failed)
+                return applied
+            self._backoff = self._retry_at = 0.0
+            del self._sealed[epoch]
+            self._unseal_keys(sealed)
+            self.c["flush"] += len(sealed.sizes)
+            applied += len(sealed.sizes)
+            if self.journal is not None:
+                if self._dead:  # said again in the open segment: the released ones held them
+                    for d in self._dead.values():
+                        self._journal_dead(d)
+                self.journal.append([APPLIED, epoch])
+                self.journal.commit()
+                if sealed.segment is not None:
+                    self._io(self.journal.release, sealed.segment)
+            if self._over_capacity():
+                self._evict()
+        return applied
+
+    def staged_state(self) -> dict[str, Any]:
+        """What a checkpointed shard holds that no store has: the open epoch's keys, the
+        sealed epochs (and which are committed)."""
+        with self._lock:
+            return {"open": len(self._dirty), "sealed": {e: len(s.sizes)
+                                                         for e, s in self._sealed.items()},
+                    "committed": self._committed}
+
     def invalidate_all(self) -> int:
         """Flush every pending write, then drop every entry; return how many were dropped."""
         with self._lock:
             self._flush(explicit=True)
-            # Writes that came in while the flush ran are newer than this call: they stay.
-            keep = self._dirty | self._inflight
+            # Writes that came in while the flush ran are newer than this call: they stay
+            # (and, checkpointed, so do writes of epochs the stores do not have yet).
+            keep = self._dirty | self._inflight | self._sealed_keys.keys()
             if not keep:
                 n = len(self._entries)
                 self._entries.clear()
@@ -822,7 +1019,8 @@ class ShardCore:
         """Whether the write buffer reached ``max_pending`` keys or ``max_pending_bytes``.
         What a running flush holds counts too: if that flush fails, it comes back."""
         return bool((self.max_pending is not None
-                     and len(self._dirty) + len(self._inflight) >= self.max_pending)
+                     and len(self._dirty) + len(self._inflight) + len(self._sealed_keys)
+                     >= self.max_pending)
                     or (self.max_pending_bytes is not None
                         and self._pending_bytes + self._inflight_bytes
                         >= self.max_pending_bytes))
@@ -854,6 +1052,23 @@ class ShardCore:
                             continue
                         elif record[0] == ADOPT:  # one key a reshard handed to this shard
                             self.adopt([record[2]])
+                        elif record[0] == SEAL:
+                            self.seal(record[1], record[2])
+                            continue
+                        elif record[0] == COMMITTED:
+                            self._committed = max(self._committed, record[1])
+                            continue
+                        elif record[0] == APPLIED:  # stored: the sealed copy goes
+                            applied = self._sealed.pop(record[1], None)
+                            if applied is not None:
+                                self._unseal_keys(applied)
+                            continue
+                        elif record[0] == UNSEAL:
+                            self.unseal(record[1])
+                            continue
+                        elif record[0] == ROLLBACK:
+                            self.rollback(record[1])
+                            continue
                         n += 1
                     except Exception as e:  # a connector refusing it now: say so, go on
                         log.error("shard %d: journal record not replayed: %r", self.index, e)
@@ -896,6 +1111,8 @@ class ShardCore:
 
     # -- flushing -------------------------------------------------------------------------
     def _time_to_flush(self) -> bool:
+        if self.staged:  # only committed epochs are stored, whatever the thresholds say
+            return bool(self._sealed) and min(self._sealed) <= self._committed
         if not self._dirty:
             return False
         if len(self._dirty) > self.writes_threshold:
@@ -915,7 +1132,8 @@ class ShardCore:
         embedded shard's owner may)."""
         with self._lock:
             # Over capacity with pending entries at the LRU end: a flush lets them go.
-            due = self._time_to_flush() or (self._dirty and self._over_capacity())
+            due = self._time_to_flush() or (
+                self._dirty and self._over_capacity() and not self.staged)
             if due and self._clock() >= self._retry_at:
                 self._flush(explicit=False)
 
@@ -950,6 +1168,8 @@ class ShardCore:
 
     def _flush(self, explicit: bool) -> Any:
         self._ran_checkpoint = False
+        if self.staged:
+            return self._apply_committed(explicit)
         while self._held:
             if not explicit:
                 return 0
@@ -1066,7 +1286,8 @@ class ShardCore:
             log.warning("shard %d: %s is connected now", self.index, conn.get_id())
 
     def _flush_one(self, conn: Connector, cid: str, payloads: dict[bytes, Any],
-                   failed: dict[str, BaseException], failed_keys: set[bytes]) -> None:
+                   failed: dict[str, BaseException], failed_keys: set[bytes],
+                   target: dict[str, dict[bytes, Any]] | None = None) -> None:
         # In chunks of _FLUSH_CHUNK payloads, in buffer order: see _FLUSH_CHUNK. The store
         # thread takes each chunk out of the snapshot itself (_store_chunk), so neither
         # that nor freeing the chunk afterwards happens under the lock.
@@ -1094,8 +1315,9 @@ class ShardCore:
             failed[cid] = kept[0][2]
             merged = {kb: payload for kb, payload, _ in kept}
             failed_keys.update(merged)
-            merged.update(self._pending[cid])
-            self._pending[cid] = merged
+            target = self._pending if target is None else target  # or a sealed epoch's
+            merged.update(target[cid])
+            target[cid] = merged
 
     def _flush_failed(self, conn: Connector, cid: str, items: list[tuple[bytes, Any]],
                       error: Exception, kept: list[Any], lone: bool) -> bool:
