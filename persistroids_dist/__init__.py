@@ -7,6 +7,7 @@
 """
 
 from .api import connect, ensure_ray, init
+from .checkpoints import CheckpointInfo
 from .client import Cache
 from .connector import BaseConnector, Connector
 from .errors import (
@@ -36,6 +37,7 @@ __all__ = [
     "Cache",
     "CacheClosedError",
     "CacheNotFoundError",
+    "CheckpointInfo",
     "Connector",
     "FlushError",
     "LeaseLostError",

@@ -15,9 +15,11 @@ import threading
 import time
 from typing import Any
 
+import msgpack
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from .checkpoints import CheckpointStore, encode_state, manifest
 from .codec import NUM_SLOTS
 from .errors import PicklingRefusedError, ShardUnavailableError, ShutdownError
 from .host import ShardHost, _unpickle_checkpoint
@@ -229,6 +231,16 @@ class Coordinator:
         self.failovers = 0
         self._made = 0
         self._stop = threading.Event()
+        # Checkpoints (a checkpointed cache): one at a time; ids grow from the last one.
+        self._ckpt_lock = threading.Lock()
+        self._ckpt_store: CheckpointStore | None = None
+        self._ckpt_next: int | None = None
+        self.c_taken = self.c_failed = 0
+        every = (making or {}).get("checkpoint_every_s")
+        if every:
+            threading.Thread(target=self._periodic,
+                             args=(every, (making or {}).get("checkpoint_state")),
+                             daemon=True, name="persistroids-checkpoints").start()
         if replication:
             threading.Thread(target=self._monitor, daemon=True,
                              name="persistroids-replicas").start()
@@ -417,6 +429,9 @@ class Coordinator:
             if num_shards == old_n:
                 return {"epoch": self._spec.epoch, "num_shards": old_n, "moved_slots": 0}
             making = self._making
+            if making is not None and making["options"].get("staged"):
+                raise ValueError("resharding a checkpointed cache is not supported yet (the "
+                                 "handoff moves pending writes, not sealed epochs)")
             if making is None or not making["options"].get("journal"):
                 raise ValueError("resharding needs the journal (a restarted shard learns "
                                  "from it which slots it owns)")
@@ -636,6 +651,123 @@ class Coordinator:
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
         return ShardActor.options(**opts).remote(i, making["connectors"], options,
                                                  making["secret"])
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _checkpoints(self) -> CheckpointStore:
+        """The checkpoint store (``init(checkpoint_store=...)``; default: a SQLite file in
+        the cache's journal folder)."""
+        if self._ckpt_store is None:
+            making = self._making or {}
+            conn = making.get("checkpoint_store")
+            if conn is None:
+                from .connectors.sqlite import SQLiteConnector
+
+                folder = making["options"]["journal"]
+                os.makedirs(folder, mode=0o700, exist_ok=True)
+                conn = SQLiteConnector(os.path.join(folder, "checkpoints.sqlite"))
+            self._ckpt_store = CheckpointStore(conn, self._spec.name)
+        return self._ckpt_store
+
+    def _staged_check(self) -> None:
+        if not (self._making or {}).get("options", {}).get("staged"):
+            raise ValueError("this cache is not checkpointed: make it with "
+                             "init(..., checkpoints=True)")
+
+    def checkpoint_recover(self, rollback: bool) -> dict[str, Any] | None:
+        """Settle every shard with the last complete checkpoint (at start, and for a
+        restore): its epoch and older are committed; with ``rollback`` every write after it
+        is dropped (the job restores it and replays its input from there), else writes
+        of checkpoints that never completed belong to the next one. Returns the last
+        checkpoint's manifest, or None (then ``rollback`` drops every write not stored)."""
+        self._staged_check()
+        with self._ckpt_lock, self._reshard_lock:
+            return self._recover(rollback)
+
+    def _recover(self, rollback: bool) -> dict[str, Any] | None:
+        last = self._checkpoints().last()
+        epoch = last["id"] if last else -1
+        ray.get([s.checkpoint_recover.remote(epoch, rollback) for s in self._shards],
+                timeout=300)
+        self._ckpt_next = epoch + 1
+        return last
+
+    def checkpoint(self, state: bytes, timeout_s: float = 300.0) -> dict[str, Any]:
+        """Take checkpoint ``_ckpt_next``, a consistent cut across the shards, with the
+        msgpack-encoded ``state``; return its manifest once it is complete.
+
+        1. every shard, in parallel, holds new writes (they go after the cut), recalls
+           its leases (their owners' writes go in), seals what is pending and journals it;
+        2. once all have sealed, writes resume (the pause is reported);
+        3. the manifest is written to the checkpoint store: complete from here;
+        4. the shards learn it is committed and store it in the background, oldest first.
+        A failure before 3 aborts it: every shard gives the sealed writes to the next
+        checkpoint, nothing is recorded, and this raises. One checkpoint at a time."""
+        self._staged_check()
+        started = time.monotonic()
+        with self._ckpt_lock, self._reshard_lock:
+            if self._ckpt_next is None:
+                self._recover(False)
+            epoch = self._ckpt_next
+            shards = list(self._shards)
+            refs = [s.checkpoint_seal.remote(epoch) for s in shards]
+            counts: list[Any] = []
+            error: BaseException | None = None
+            for ref in refs:
+                try:
+                    counts.append(ray.get(ref, timeout=timeout_s))
+                except Exception as e:
+                    error = error or e
+            if error is None:
+                ray.get([s.checkpoint_resume.remote(epoch) for s in shards], timeout=60)
+                pause_s = time.monotonic() - started
+                m = manifest(epoch, state, counts, started, pause_s)
+                try:
+                    self._checkpoints().commit(m)
+                except Exception as e:
+                    error = e
+            if error is not None:
+                for s in shards:
+                    try:
+                        ray.get(s.checkpoint_abort.remote(epoch), timeout=60)
+                    except Exception as e:
+                        log.error("checkpoint %d abort: a shard could not undo its seal "
+                                  "(%s); it does at its next restart", epoch, e)
+                self.c_failed += 1
+                from .control import _first_line
+
+                raise RuntimeError(f"checkpoint {epoch} failed, nothing recorded: "
+                                   f"{_first_line(error)[:500]}") from None
+            self._ckpt_next = epoch + 1
+            for s in shards:  # complete already: a shard that misses this learns at the next
+                s.checkpoint_commit.remote(epoch)
+            self.c_taken += 1
+        if self._handler is not None:  # the seed's handler, after the commit
+            try:
+                self._handler(msgpack.unpackb(state))
+            except Exception:
+                log.exception("checkpoint %d: the checkpoint handler failed", epoch)
+        return m
+
+    def last_checkpoint(self) -> dict[str, Any] | None:
+        self._staged_check()
+        return self._checkpoints().last()
+
+    def list_checkpoints(self) -> list[dict[str, Any]]:
+        self._staged_check()
+        store = self._checkpoints()
+        return [m for cid in store.index() if (m := store.manifest(cid)) is not None]
+
+    def _periodic(self, every_s: float, state_fn: Any) -> None:
+        """Take a checkpoint every ``every_s`` with ``state_fn()``'s state; skip a round
+        while one is in flight (at most one at a time)."""
+        while not self._stop.wait(every_s):
+            if self._ckpt_lock.locked():
+                continue
+            try:
+                state = encode_state(state_fn() if state_fn is not None else None)
+                self.checkpoint(state)
+            except Exception as e:
+                log.warning("periodic checkpoint failed: %s", e)
 
     def shards(self) -> list[Any]:
         return self._shards

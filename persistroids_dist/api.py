@@ -19,10 +19,10 @@ from .tls import resolve as resolve_tls
 
 __all__ = ["connect", "ensure_ray", "init"]
 
-def _check_connector(conn: Any, i: int) -> None:
+def _check_connector(conn: Any, where: str) -> None:
     for method in ("get_id", "read", "write", "flush"):
         if not callable(getattr(conn, method, None)):
-            raise TypeError(f"connectors[{i}] ({type(conn).__qualname__}) has no {method}() "
+            raise TypeError(f"{where} ({type(conn).__qualname__}) has no {method}() "
                             "method; see persistroids_dist.Connector")
 
 
@@ -82,6 +82,11 @@ def init(
     tcp: bool = True,
     replicas: int = 0,
     tls: TLSConfig | Mapping[str, Any] | bool | None = None,
+    checkpoints: bool = False,
+    checkpoint_store: Connector | None = None,
+    checkpoint_every_s: float | None = None,
+    checkpoint_state: Callable[[], Any] | None = None,
+    restore: bool = False,
 ) -> Cache:
     """Start a cache of ``num_shards`` shard actors and return its handle.
 
@@ -153,13 +158,23 @@ def init(
     ``allow_pickle=False``: the shards unpickle nothing sent over their sockets: ``update``
     takes only a registered name (not a function) and ``checkpoint=`` is refused, both with
     PicklingRefusedError (see the README's "Trust model").
+    ``checkpoints=True``: writes reach the stores only as part of a checkpoint
+    (``cache.checkpoint(state)``: a consistent cut across the shards, recorded with
+    ``state``); between checkpoints they are staged in the journals (which it needs).
+    ``checkpoint_store``: the connector that records them (default: a SQLite file in the
+    cache's journal folder). ``checkpoint_every_s``: also take one that often, with
+    ``checkpoint_state()``'s state (at most one at a time). ``restore=True`` (with a
+    ``name``): start from the last complete checkpoint: every write after it is dropped,
+    in a running cache of that name too (``cache.last_checkpoint()`` tells its state, say
+    the input offset to replay from). Without it, a restarted checkpointed cache keeps
+    every acknowledged write, as any other.
     """
     if connectors is None:
         from .connectors.memory import MemoryConnector
         connectors = [MemoryConnector()]
     connectors = list(connectors)
     for i, conn in enumerate(connectors):
-        _check_connector(conn, i)
+        _check_connector(conn, f"connectors[{i}]")
     ids = [c.get_id() for c in connectors]
     if len(set(ids)) != len(ids):
         raise ValueError(f"connector ids must be unique, got {ids}")
@@ -218,10 +233,33 @@ def init(
     tls_config = resolve_tls(tls) if tcp else None
     if get_if_exists and name is None:
         raise ValueError("get_if_exists=True needs a name: only a named cache can be found")
+    if not isinstance(checkpoints, bool) or not isinstance(restore, bool):
+        raise TypeError("checkpoints and restore must be True or False")
+    if checkpoints and journal is False:
+        raise ValueError("checkpoints=True needs the journal (writes between checkpoints are "
+                         "staged there): drop journal=False")
+    if (checkpoint_store is not None or checkpoint_every_s is not None
+            or checkpoint_state is not None or restore) and not checkpoints:
+        raise ValueError("checkpoint_store, checkpoint_every_s, checkpoint_state and restore "
+                         "need checkpoints=True")
+    if restore and name is None:
+        raise ValueError("restore=True needs the name of the cache to restore")
+    if checkpoint_every_s is not None and (isinstance(checkpoint_every_s, bool) or not
+                                           isinstance(checkpoint_every_s, (int, float))
+                                           or not checkpoint_every_s > 0):
+        raise ValueError(f"checkpoint_every_s must be a number of seconds > 0, got "
+                         f"{checkpoint_every_s!r}")
+    if checkpoint_store is not None:
+        _check_connector(checkpoint_store, "checkpoint_store")
+    _check_fn("checkpoint_state", checkpoint_state)
 
     ensure_ray(address)
     name = name or f"anon-{uuid.uuid4().hex[:12]}"
     running = control.find_coordinator(name)
+    if running is not None and restore:  # a restarted job restores the cache it left
+        cache = Cache(control.spec_of(running))
+        cache.restore()
+        return cache
     if running is not None:
         if get_if_exists:
             return Cache(control.spec_of(running))
@@ -237,11 +275,14 @@ def init(
                    checkpoint_handler=checkpoint_handler,
                    allow_pickle=allow_pickle, functions=functions,
                    journal=journal_directory(journal, name), fsync=fsync, listen_tcp=tcp,
-                   tls=tls_config)
+                   tls=tls_config, staged=checkpoints)
     return Cache(control.start_cache(
         name, num_shards, connectors, options, cache_key=cache_key,
         checkpoint_handler=checkpoint_handler, detached=detached, shard_options=shard_options,
-        shard_wait_s=float(shard_wait_s), placement=placement, replicas=replicas))
+        shard_wait_s=float(shard_wait_s), placement=placement, replicas=replicas,
+        checkpoints=None if not checkpoints else {
+            "store": checkpoint_store, "every_s": checkpoint_every_s,
+            "state": checkpoint_state, "restore": restore}))
 
 
 def journal_directory(journal: str | os.PathLike[str] | bool, name: str) -> str | None:

@@ -19,6 +19,7 @@ from typing import Any
 from ray import cloudpickle  # the serializer only: no Ray calls on the data path
 
 from . import control, protocol
+from .checkpoints import CheckpointInfo, encode_state
 from .codec import NUM_SLOTS, decode_value, encode_key, encode_value, slot_of
 from .errors import (
     CacheClosedError,
@@ -570,10 +571,60 @@ class Cache:
         """
         if checkpoint is not _NO_CHECKPOINT and not self._spec.allow_pickle:
             raise self._refused("checkpoint=")
+        if self._pool.spec.checkpointed:
+            raise ValueError("this cache is checkpointed: writes reach the stores with "
+                             "checkpoints; call cache.checkpoint(state)")
         self.sync()
         blob = None if checkpoint is _NO_CHECKPOINT else cloudpickle.dumps(checkpoint)
         self._pool.leases.release_all()
         return control.flush_all(self._spec, blob)
+
+    # -- checkpoints (a cache made with checkpoints=True) -----------------------------------
+    def checkpoint(self, state: Any = None) -> CheckpointInfo:
+        """Take a checkpoint: a consistent cut across every shard, recorded with ``state``
+        (anything msgpack encodes, such as the input offset a job would resume from).
+
+        Every write acknowledged to any client before this call is in it, and none issued
+        after it returns; a write racing with it lands wholly on one side, and a write
+        acknowledged before another was issued is in it whenever the other is. This
+        process's pipelined writes are synced first. Leases are recalled: their owners'
+        writes go in. Writes to a shard wait while it cuts (``pause_s`` says how long, at
+        most). Complete once its manifest is recorded; the stores then get its writes in
+        the background, oldest checkpoint first. Raises TypeError for a state msgpack
+        cannot encode, and RuntimeError if it failed (nothing recorded; its writes go with
+        the next one)."""
+        blob = encode_state(state)
+        self._checkpointed()
+        self.sync()
+        return CheckpointInfo.from_manifest(control.checkpoint(self._pool.spec, blob))
+
+    def last_checkpoint(self) -> CheckpointInfo | None:
+        """The last complete checkpoint (its ``id`` and ``state``), or None."""
+        self._checkpointed()
+        m = control.checkpoint_call(self._pool.spec, "last_checkpoint")
+        return None if m is None else CheckpointInfo.from_manifest(m)
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """The complete checkpoints, oldest first (the newest 100)."""
+        self._checkpointed()
+        return [CheckpointInfo.from_manifest(m)
+                for m in control.checkpoint_call(self._pool.spec, "list_checkpoints")]
+
+    def restore(self) -> CheckpointInfo | None:
+        """Go back to the last complete checkpoint: every write made after it is dropped, on
+        every shard (their keys read as of the checkpoint). For a job that restarts from it
+        and replays its input from the offset it recorded. Returns it, or None (then every
+        write not yet in a checkpoint is dropped)."""
+        self._checkpointed()
+        m = control.checkpoint_call(self._pool.spec, "checkpoint_recover", True)
+        if self._pool.near is not None:  # its entries may be newer than the checkpoint
+            self._pool.near.forget()
+        return None if m is None else CheckpointInfo.from_manifest(m)
+
+    def _checkpointed(self) -> None:
+        if not self._pool.spec.checkpointed:
+            raise ValueError("this cache is not checkpointed: make it with "
+                             "init(..., checkpoints=True)")
 
     def dead_letters(self) -> list[dict[str, Any]]:
         """Writes a store kept refusing on their own while it stored the others (after

@@ -243,9 +243,12 @@ def placement_options(placement: Any, num_shards: int) -> list[dict[str, Any]]:
 def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict[str, Any],
                 *, cache_key: Any, checkpoint_handler: Any, detached: bool,
                 shard_options: dict[str, Any] | None, shard_wait_s: float = 30.0,
-                placement: Any = None, replicas: int = 0) -> CacheSpec:
+                placement: Any = None, replicas: int = 0,
+                checkpoints: dict[str, Any] | None = None) -> CacheSpec:
     """Start the shard actors and the coordinator of a new cache; its spec. With
     ``replicas=1`` the coordinator then gives every shard a backup on another node before
+    this returns. ``checkpoints`` (a checkpointed cache): ``store``, ``every_s``, ``state``
+    and ``restore`` (see ``init``); the shards are settled with the last checkpoint before
     this returns. On any failure every actor started here is removed again."""
     secret = os.urandom(32)
     # Shards restart after a crash (their journal brings back what they acknowledged),
@@ -269,7 +272,8 @@ def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict
                          allow_pickle=options.get("allow_pickle", True),
                          shard_wait_s=shard_wait_s, replicas=replicas,
                          tls=options.get("tls"),
-                         functions=dict(options.get("functions") or {}))
+                         functions=dict(options.get("functions") or {}),
+                         checkpointed=bool(options.get("staged")))
         # The coordinator runs on the caller's node: the driver that runs flushes and
         # checkpoints talks to it most, and it must not share the fate of a shard's node
         # (with replicas it is what promotes the backups). Pinned: a soft affinity let Ray
@@ -286,9 +290,15 @@ def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict
         making = {"connectors": connectors, "options": options, "secret": secret,
                   "actor_options": {**actor_opts, **(shard_options or {})},
                   "same_node": placement == "pack", "replicas": replicas}
+        if checkpoints is not None:
+            making.update(checkpoint_store=checkpoints.get("store"),
+                          checkpoint_every_s=checkpoints.get("every_s"),
+                          checkpoint_state=checkpoints.get("state"))
         coordinator = Coordinator.options(**coord_opts).remote(spec, shards, checkpoint_handler,
                                                                making)
         get(coordinator.spec.remote())  # fail here, not later, if it cannot start
+        if checkpoints is not None:  # the journals may hold a previous run's epochs
+            get(coordinator.checkpoint_recover.remote(bool(checkpoints.get("restore"))))
         if replicas:
             missing = [r["shard"] for r in get(coordinator.heal.remote())
                        if r["backup_node"] is None]
@@ -410,6 +420,16 @@ def reshard(spec: CacheSpec, num_shards: int) -> dict[str, Any]:
 def flush_all(spec: CacheSpec, checkpoint_blob: bytes | None) -> Any:
     """Run the coordinator's synchronized flush (and checkpoint)."""
     return get(spec.coordinator.flush_all.remote(checkpoint_blob))
+
+
+def checkpoint(spec: CacheSpec, state: bytes) -> dict[str, Any]:
+    """Take a checkpoint through the coordinator (see ``Coordinator.checkpoint``)."""
+    return get(spec.coordinator.checkpoint.remote(state))
+
+
+def checkpoint_call(spec: CacheSpec, method: str, *args: Any) -> Any:
+    """Call the coordinator's checkpoint ``method`` (last, list, recover)."""
+    return get(getattr(spec.coordinator, method).remote(*args))
 
 
 def shutdown_cache(spec: CacheSpec, disconnect: bool, timeout_s: float | None = None

@@ -99,6 +99,9 @@ class ShardHost:
         self._staged_grants: dict[tuple[int, int], list[list[Any]]] = {}
         # The handoff under way from this shard, if any (see ``export_slots``).
         self._handing: dict[str, Any] | None = None
+        # The checkpoint cutting now (``checkpoint_seal``): writes wait until it resumes.
+        self._paused: int | None = None
+        self._pause_timer: threading.Timer | None = None
         if self.journal is not None:
             # A restarted shard first applies what its previous run acknowledged and no
             # flush stored (and learns which requests those were, and which slots it owns);
@@ -223,11 +226,17 @@ class ShardHost:
         while the write buffer is full (``max_pending``/``max_pending_bytes``), wait for a
         flush to make room (the wait releases the lock), up to ``backpressure_timeout_s``,
         then BackpressureError. A write to a key already pending takes no more room.
-        Returns whether it waited."""
+        Returns whether it waited. While a checkpoint cuts (``checkpoint_seal``), writes wait
+        for it: they go after the cut."""
         self._refuse_if_closing()
+        waited = False
+        while self._paused is not None:
+            self._lease_cond.wait(0.05)
+            self._refuse_if_closing()
+            waited = True
         core = self.core
         if not core.full() or (kb is not None and kb in core._dirty):
-            return False
+            return waited
         core.c["backpressure_waits"] += 1
         deadline = time.monotonic() + self.backpressure_timeout_s
         while core.full():
@@ -268,6 +277,8 @@ class ShardHost:
         """Grant ``owner`` exclusive use of ``kbs`` (recalling other owners first); return
         ``[generation, values]``: the grant's identity and the keys' current values."""
         with self._lease_cond:
+            while self._paused is not None:  # a checkpoint recalls every lease: none now
+                self._lease_cond.wait(0.05)
             if self.slots.checked:
                 self.slots.check(kbs)
             self._refuse_if_closing()
@@ -580,6 +591,96 @@ class ShardHost:
             self.journal.commit()
         return adopted
 
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _check_checkpointed(self) -> None:
+        if not self.core.staged or self.journal is None:
+            raise ValueError(f"shard {self.index}: not a checkpointed cache (init(..., "
+                             "checkpoints=True) with the journal on)")
+
+    def checkpoint_seal(self, epoch: int, pause_s: float = 120.0) -> dict[str, int]:
+        """This shard's part of checkpoint ``epoch``'s cut: stop letting writes in (they
+        wait, and go after the cut), recall every lease and wait for its owner's writes
+        (they are in the cut), then seal what is pending as the epoch and journal it
+        (durable, and on the backup, before this returns). Writes stay held until
+        ``checkpoint_resume`` (or ``pause_s``, if the coordinator is gone). Returns the
+        epoch's counts (keys, bytes) and the lease wait in ms."""
+        self._check_checkpointed()
+        with self._lease_cond:
+            if self._paused is not None and self._paused != epoch:
+                raise RuntimeError(f"shard {self.index}: checkpoint {self._paused} is cutting")
+            if epoch in self.core._sealed or epoch <= self.core._committed:
+                raise ValueError(f"shard {self.index}: checkpoint {epoch} exists already")
+            self._paused = epoch
+            start = time.monotonic()
+            while self._leases:  # recalled like any access; expired at worst
+                self._wait_unleased(list(self._leases))
+            waited_ms = (time.monotonic() - start) * 1000
+            try:
+                counts = self.core.seal(epoch)
+            except BaseException:
+                self._resume(epoch)
+                raise
+            timer = self._pause_timer = threading.Timer(pause_s, self.checkpoint_abort,
+                                                        (epoch,))
+            timer.daemon = True
+            timer.start()
+        self.journal.commit()
+        return {**counts, "lease_wait_ms": round(waited_ms, 3)}
+
+    def _resume(self, epoch: int) -> bool:
+        if self._paused != epoch:
+            return False
+        self._paused = None
+        if self._pause_timer is not None:
+            self._pause_timer.cancel()
+            self._pause_timer = None
+        self._lease_cond.notify_all()
+        return True
+
+    def checkpoint_resume(self, epoch: int) -> bool:
+        """Let writes in again after checkpoint ``epoch``'s cut (every shard has cut)."""
+        with self._lease_cond:
+            return self._resume(epoch)
+
+    def checkpoint_abort(self, epoch: int) -> bool:
+        """Checkpoint ``epoch`` failed: its writes belong to the next one; writes go on.
+        Whether this shard had sealed it."""
+        self._check_checkpointed()
+        with self._lease_cond:
+            self._resume(epoch)
+            undone = self.core.unseal(epoch)
+        self.journal.commit()
+        return undone
+
+    def checkpoint_commit(self, epoch: int) -> None:
+        """Checkpoint ``epoch``'s manifest is written: the stores may have it (and every
+        older epoch), oldest first."""
+        self._check_checkpointed()
+        with self._lease_cond:
+            self.core.commit(epoch)
+        self.journal.commit()
+
+    def checkpoint_recover(self, epoch: int, rollback: bool) -> dict[str, Any]:
+        """Settle this shard with the last committed checkpoint ``epoch`` (-1: none): every
+        sealed epoch up to it is committed; with ``rollback`` (a restore) every write after
+        it is dropped, else the writes of checkpoints that never committed belong to the
+        next one. Returns the state afterwards (``ShardCore.staged_state``) and the keys a
+        rollback dropped."""
+        self._check_checkpointed()
+        with self._lease_cond:
+            if self._paused is not None:
+                self._resume(self._paused)
+            if epoch >= 0:
+                self.core.commit(epoch)
+            dropped = 0
+            if rollback:
+                dropped = self.core.rollback(epoch)
+            else:
+                for e in [e for e in self.core._sealed if e > epoch]:
+                    self.core.unseal(e)
+        self.journal.commit()
+        return {**self.core.staged_state(), "dropped": dropped}
+
     # -- control plane ----------------------------------------------------------------------
     def address(self) -> dict[str, Any]:
         return self._address
@@ -701,9 +802,13 @@ class ShardHost:
                 self._closing = False
             raise
         self.server.close()
-        if self.journal is not None:  # everything journaled is stored now
-            self.journal.close(remove=True)
-        metrics["unwritten"] = 0
+        # Checkpointed, writes of no committed checkpoint are not stored by a close: they
+        # stay in the journal (the next init replays them, or drops them to restore).
+        unwritten = len(self.core._dirty) + sum(
+            len(e.sizes) for e in self.core._sealed.values()) if self.core.staged else 0
+        if self.journal is not None:  # else everything journaled is stored now
+            self.journal.close(remove=not unwritten)
+        metrics["unwritten"] = unwritten
         try:
             os.rmdir(self._dir)
         except OSError:

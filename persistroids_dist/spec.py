@@ -51,6 +51,7 @@ class CacheSpec:
     epoch: int = 0  # of the slot table (slot_table(num_shards)); a reshard makes a new one
     functions: dict[str, Callable[[Any], Any]] = field(default_factory=dict, repr=False)
     tls: TLSConfig | None = None
+    checkpointed: bool = False  # writes reach the stores only with committed checkpoints
 
     @classmethod
     def of(cls, spec: CacheSpec | Mapping[str, Any]) -> CacheSpec:
