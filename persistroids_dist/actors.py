@@ -236,6 +236,12 @@ class Coordinator:
         self._ckpt_store: CheckpointStore | None = None
         self._ckpt_next: int | None = None
         self.c_taken = self.c_failed = 0
+        if (making or {}).get("options", {}).get("staged") and \
+                ray.get_runtime_context().was_current_actor_reconstructed:
+            # Restarted: a checkpoint this coordinator was taking when it died holds the
+            # shards' writes (paused) until they hear from it: settle them now.
+            threading.Thread(target=self.checkpoint_recover, args=(False,), daemon=True,
+                             name="persistroids-recover").start()
         every = (making or {}).get("checkpoint_every_s")
         if every:
             threading.Thread(target=self._periodic,
@@ -718,7 +724,12 @@ class Coordinator:
                 except Exception as e:
                     error = error or e
             if error is None:
-                ray.get([s.checkpoint_resume.remote(epoch) for s in shards], timeout=60)
+                for ref in [s.checkpoint_resume.remote(epoch) for s in shards]:
+                    try:
+                        ray.get(ref, timeout=60)
+                    except Exception as e:  # gone since it sealed: its seal may be lost
+                        error = error or e
+            if error is None:
                 pause_s = time.monotonic() - started
                 m = manifest(epoch, state, counts, started, pause_s)
                 try:
@@ -771,6 +782,10 @@ class Coordinator:
 
     def shards(self) -> list[Any]:
         return self._shards
+
+    def pid(self) -> int:
+        """This process's id (fault tests kill it)."""
+        return os.getpid()
 
     def flush_all(self, checkpoint_blob: bytes | None = None) -> Any:
         """Flush every shard in parallel; then run the checkpoint handler if one was given.

@@ -4,12 +4,15 @@ cleanly. The pipeline with killed processes is ``test_pipeline.py``."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import threading
 import time
 import uuid
 
 import pytest
+import ray
 from test_histories import zero
 from writers import BUMP
 
@@ -188,3 +191,28 @@ def test_the_cut_is_consistent_with_what_clients_saw_acknowledged(checkpointed):
         count = present.index(False) if False in present else n
         assert all(present[:count]) and not any(present[count:]), f"writer {w}: not a prefix"
         assert count - 1 >= before[w], (w, count, before[w])  # acknowledged before: in it
+
+
+def test_a_cut_never_recorded_is_dropped_by_a_restore_even_across_a_shard_kill(checkpointed):
+    # Killed between prepare and commit: every shard sealed checkpoint 1 (as the coordinator
+    # does), one shard process is SIGKILLed, and no manifest was written. A restore goes
+    # back to checkpoint 0 on every shard, the restarted one included (its journal has the
+    # seal).
+    cache = checkpointed()
+    cache.write("a", 1)
+    cache.checkpoint("zero")
+    cache.write("a", 2)
+    cache.write("b", 2)
+    shards = cache._pool.spec.shards
+    pids = [m["pid"] for m in cache.metrics()["shards"]]
+    assert [c["keys"] for c in ray.get([s.checkpoint_seal.remote(1) for s in shards])] \
+        != [0, 0]
+    os.kill(pids[cache.shard_of("a")], signal.SIGKILL)
+    for s in shards:  # the killed one may still be restarting (it resumed by restarting)
+        try:
+            ray.get(s.checkpoint_resume.remote(1))
+        except ray.exceptions.RayActorError:
+            pass
+    assert cache.restore().state == "zero"
+    assert cache.read_many(["a", "b"]) == [1, 0]
+    assert cache.checkpoint("one").id == 1  # the id the dropped cut had is taken again
