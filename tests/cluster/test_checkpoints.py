@@ -216,3 +216,31 @@ def test_a_cut_never_recorded_is_dropped_by_a_restore_even_across_a_shard_kill(c
     assert cache.restore().state == "zero"
     assert cache.read_many(["a", "b"]) == [1, 0]
     assert cache.checkpoint("one").id == 1  # the id the dropped cut had is taken again
+
+
+def test_periodic_checkpoints_take_the_state_function_s_state(checkpointed, tmp_path):
+    cache = checkpointed(checkpoint_every_s=0.3, checkpoint_state=lambda: {"at": time.time()})
+    for _ in range(20):
+        cache.update("n", BUMP)
+    assert wait_for(lambda: len(cache.checkpoints()) >= 2)
+    taken = cache.checkpoints()
+    assert [c.id for c in taken] == list(range(len(taken)))
+    assert all(isinstance(c.state["at"], float) for c in taken)
+    assert wait_for(lambda: stored(tmp_path / "store.db").get("n") == 20)
+
+
+def test_checkpoint_options_are_checked(make_cache, tmp_path):
+    with pytest.raises(ValueError, match="need checkpoints=True"):
+        pd.init([SQLiteConnector(tmp_path / "s.db")], restore=True, name="x")
+    with pytest.raises(ValueError, match="needs the journal"):
+        pd.init([SQLiteConnector(tmp_path / "s.db")], checkpoints=True, journal=False)
+    with pytest.raises(ValueError, match="restore=True needs the name"):
+        pd.init([SQLiteConnector(tmp_path / "s.db")], checkpoints=True, restore=True)
+    with pytest.raises(ValueError, match="checkpoint_every_s"):
+        pd.init([SQLiteConnector(tmp_path / "s.db")], checkpoints=True, checkpoint_every_s=0)
+    plain = make_cache([SQLiteConnector(tmp_path / "s.db")])
+    with pytest.raises(ValueError, match="not checkpointed"):
+        plain.checkpoint(1)
+    with pytest.raises(ValueError, match="checkpointed cache is not supported"):
+        make_cache([SQLiteConnector(tmp_path / "t.db")], checkpoints=True,
+                   journal=tmp_path / "j").reshard(3)
