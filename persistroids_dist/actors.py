@@ -235,6 +235,7 @@ class Coordinator:
         self._ckpt_lock = threading.Lock()
         self._ckpt_store: CheckpointStore | None = None
         self._ckpt_next: int | None = None
+        self._ckpt_last: dict[str, Any] | None = None
         self.c_taken = self.c_failed = 0
         if (making or {}).get("options", {}).get("staged") and \
                 ray.get_runtime_context().was_current_actor_reconstructed:
@@ -749,6 +750,7 @@ class Coordinator:
                 raise RuntimeError(f"checkpoint {epoch} failed, nothing recorded: "
                                    f"{_first_line(error)[:500]}") from None
             self._ckpt_next = epoch + 1
+            self._ckpt_last = m
             for s in shards:  # complete already: a shard that misses this learns at the next
                 s.checkpoint_commit.remote(epoch)
             self.c_taken += 1
@@ -758,6 +760,16 @@ class Coordinator:
             except Exception:
                 log.exception("checkpoint %d: the checkpoint handler failed", epoch)
         return m
+
+    def checkpoint_metrics(self) -> dict[str, Any]:
+        """Checkpoints taken and failed by this coordinator, the last one's figures, and
+        whether one is running."""
+        self._staged_check()
+        last = self._ckpt_last
+        return {"taken": self.c_taken, "failed": self.c_failed,
+                "running": self._ckpt_lock.locked(),
+                "last": None if last is None else {k: last[k] for k in (
+                    "id", "time", "keys", "duration_s", "pause_s")}}
 
     def last_checkpoint(self) -> dict[str, Any] | None:
         self._staged_check()

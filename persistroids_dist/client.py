@@ -663,7 +663,11 @@ class Cache:
         self.sync()
         shards = list(self._everywhere(protocol.METRICS)
                       .values())
-        return aggregate(shards)
+        out = aggregate(shards)
+        if self._pool.spec.checkpointed:  # taken, failed, the last one's figures
+            out["checkpoints"] = control.checkpoint_call(self._pool.spec,
+                                                         "checkpoint_metrics")
+        return out
 
     def shutdown(self, disconnect: bool = False, *, timeout_s: float | None = None
                  ) -> dict[str, Any]:

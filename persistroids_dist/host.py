@@ -727,6 +727,8 @@ class ShardHost:
         m = self.core.metrics()
         m["shard"] = self.index
         m["pid"] = os.getpid()
+        if self.core.staged:  # keys of the open epoch, sealed epochs not stored yet
+            m["checkpoint"] = self.core.staged_state()
         m.update(self.lease_stats)
         m["leased_keys"] = len(self._leases)
         m["auth_failures"] = self.server.auth_failures

@@ -73,6 +73,10 @@ def test_writes_reach_the_stores_only_with_a_checkpoint(checkpointed, tmp_path):
     assert second.id == 1 and second.keys == 1
     assert [c.id for c in cache.checkpoints()] == [0, 1]
     assert cache.last_checkpoint().state == {"offset": 102}
+    m = cache.metrics()
+    assert m["checkpoints"]["taken"] == 2 and m["checkpoints"]["failed"] == 0
+    assert m["checkpoints"]["last"]["id"] == 1 and m["checkpoints"]["last"]["keys"] == 1
+    assert {"open", "sealed", "committed"} <= set(m["shards"][0]["checkpoint"])
     assert wait_for(lambda: stored(tmp_path / "store.db").get("n") == 2)
 
 
@@ -136,6 +140,7 @@ def test_a_checkpoint_while_its_store_is_down_fails_cleanly_and_the_next_succeed
         third = cache.checkpoint("third")
         assert third.id == 1 and third.keys == 3  # the failed checkpoint's writes too
         assert [c.state for c in cache.checkpoints()] == ["third"]  # a fresh server
+        assert cache.metrics()["checkpoints"]["failed"] == 1
         assert wait_for(lambda: stored(tmp_path / "store.db") == {"a": 2, "b": 2, "c": 3})
     finally:
         server.stop()
