@@ -17,16 +17,14 @@ if TYPE_CHECKING:  # pandas is optional: imported by to_frame() only
 
 __all__ = ["Metrics"]
 
-#: The counters shown first, in this order, in the summary and per-shard tables (the rest
-#: of ``total`` is listed below them): reads, writes, the flushes that carry writes to the
-#: stores, what each shard holds, and what went wrong.
-HEADLINE = ("lookup", "hits", "misses", "read", "write", "updates", "deletes", "flush",
-            "flush_calls", "pending", "entries", "bytes", "evictions", "flush_errors",
-            "read_errors", "write_errors", "dead_letters_held", "unwritten")
-
-#: Per-shard columns after the headline counters: whether the shard serves as primary, and
-#: how often Ray restarted its process.
-_SHARD_EXTRA = ("role", "restarts")
+#: The counters shown in the summary and per-shard tables, in this order: reads, writes, the
+#: flushes that carry writes to the stores, and what each shard holds.
+ALWAYS = ("lookup", "hits", "misses", "read", "write", "updates", "flush", "flush_calls",
+          "pending", "entries", "bytes")
+#: Shown after those only where they are not 0, so that a healthy cache's tables stay narrow:
+#: deletes, evictions, what went wrong, and shards Ray restarted.
+IF_NONZERO = ("deletes", "evictions", "flush_errors", "read_errors", "write_errors",
+              "dead_letters_held", "unwritten", "restarts")
 
 
 class Metrics(dict[str, Any]):
@@ -64,16 +62,19 @@ class Metrics(dict[str, Any]):
 
     def _repr_html_(self) -> str:
         total, shards = self.total, self.shards
-        head = [k for k in HEADLINE if k in total]
         parts = ["<div>"]
         if total:
+            head = _columns([total])
             parts.append(f"<p><b>Cache metrics</b>, summed over {len(shards)} shard(s):</p>")
             parts.append(_table(["hit rate", *head],
                                 [[_hit_rate(total), *(total[k] for k in head)]]))
         if shards:
-            cols = [k for k in (*HEADLINE, *_SHARD_EXTRA) if any(k in m for m in shards)]
-            rows = [[m.get("shard", i), _hit_rate(m), _short(m.get("node_id")), m.get("pid"),
-                     *(m.get(k, "") for k in cols)] for i, m in enumerate(shards)]
+            cols = _columns(shards)
+            if any(m.get("role", "primary") != "primary" for m in shards):
+                cols.append("role")  # a backup that took over, or one not promoted yet
+            rows = [[m.get("shard", i), _hit_rate(m), _short(m.get("node_id")),
+                     str(m.get("pid", "")), *(m.get(k, "") for k in cols)]
+                    for i, m in enumerate(shards)]
             parts.append("<p>Per shard:</p>")
             parts.append(_table(["shard", "hit rate", "node", "pid", *cols], rows))
         if total:
@@ -82,6 +83,13 @@ class Metrics(dict[str, Any]):
                          + _table(["counter", "value"], [list(kv) for kv in rest]) + "</details>")
         parts.append("</div>")
         return "\n".join(parts)
+
+
+def _columns(records: list[dict[str, Any]]) -> list[str]:
+    """The counters of ALWAYS that any record has, then those of IF_NONZERO that any record
+    has with a value other than 0."""
+    return ([k for k in ALWAYS if any(k in m for m in records)]
+            + [k for k in IF_NONZERO if any(m.get(k) for m in records)])
 
 
 def _hit_rate(counters: Mapping[str, Any]) -> str:

@@ -102,11 +102,25 @@ def test_html_has_the_totals_and_a_row_per_shard():
     assert "<td>7</td>" in summary  # writes, summed
 
 
+def test_html_shows_error_counters_and_roles_only_where_they_tell_something():
+    healthy = [dict(m, flush_errors=0, restarts=0) for m in SHARDS]
+    page = aggregate(healthy)._repr_html_()
+    shown = page.split("<details>")[0]  # the collapsed list has every counter
+    assert "<th>write</th>" in shown and "<th>pending</th>" in shown
+    assert "flush_errors" not in shown and "restarts" not in shown and "role" not in shown
+    assert "<td>11</td>" in shown and "<td>12</td>" in shown  # pids, not "1,1"-style
+    failing = [dict(healthy[0], flush_errors=3, role="backup"), healthy[1]]
+    shown = aggregate(failing)._repr_html_().split("<details>")[0]
+    assert shown.count("<th>flush_errors</th>") == 2  # in the summary and per shard
+    assert "<th>role</th>" in shown and "<td>backup</td>" in shown
+    assert "restarts" not in shown
+
+
 def test_html_escapes_what_it_shows():
-    m = Metrics(total={"x<y>": 1}, shards=[{"shard": 0, "role": "<b>&"}])
+    m = Metrics(total={"x<y>": 1}, shards=[{"shard": 0, "role": "<b>&", "pid": "<p>"}])
     page = m._repr_html_()
-    assert "x&lt;y&gt;" in page and "&lt;b&gt;&amp;" in page
-    assert "<b>&" not in page
+    assert "x&lt;y&gt;" in page and "&lt;b&gt;&amp;" in page and "&lt;p&gt;" in page
+    assert "<b>&" not in page and "<td><p>" not in page
 
 
 def test_html_of_an_empty_or_partial_dict():
