@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo cluster-demo test test-unit bench bench-quick soak lint clean
+.PHONY: demo cluster-demo test test-unit notebooks bench bench-quick soak lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 # Ray-free unit tests only: seconds, no servers needed.
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# Runs notebooks/ top to bottom, each in a fresh kernel of this venv's Python; the executed
+# copies go to a new temporary folder (or OUT=dir), never over the committed notebooks.
+notebooks: $(STAMP)
+	$(BIN)/python tests/run_notebooks.py $(if $(OUT),--out $(OUT))
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

@@ -29,6 +29,7 @@ from .errors import (
     WriteError,
 )
 from .lease import Lease
+from .metrics_view import Metrics
 from .near import NO_VALUE, NearCache
 from .pool import LINGER, pool_for
 from .spec import CacheSpec
@@ -657,7 +658,7 @@ class Cache:
             raise CacheClosedError("this handle has no coordinator (a shard host in-process)")
         return control.get(self._spec.coordinator.replicas.remote(detail))
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self) -> Metrics:
         """``{"total": {...}, "shards": [...]}``: lookup (read calls), read (store read
         rounds), write (write calls), flush (distinct keys flushed), and more per shard."""
         self.sync()
@@ -670,7 +671,7 @@ class Cache:
         return out
 
     def shutdown(self, disconnect: bool = False, *, timeout_s: float | None = None
-                 ) -> dict[str, Any]:
+                 ) -> Metrics:
         """Flush everything, close the shards (and connectors if ``disconnect``), remove the
         actors and return the final metrics. If a store fails, raise ShutdownError (a
         FlushError) and keep everything running so no write is lost; call again once the
@@ -703,7 +704,7 @@ def _check_ttl(ttl_s: Any) -> None:
 _TOTAL_SKIP = {"shard", "pid", "oldest_pending_ms", "last_errors", "journal_path"}
 
 
-def aggregate(shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def aggregate(shards: Sequence[dict[str, Any]]) -> Metrics:
     """Sum the shards' counters into ``total``; keep the per-shard records."""
     total: dict[str, Any] = {}
     for m in shards:
@@ -712,4 +713,4 @@ def aggregate(shards: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 total[k] = total.get(k, 0) + v
     total["oldest_pending_ms"] = max((m.get("oldest_pending_ms", 0.0) for m in shards),
                                      default=0.0)
-    return {"total": total, "shards": list(shards)}
+    return Metrics(total=total, shards=list(shards))  # a dict that Jupyter shows as tables

@@ -209,6 +209,16 @@ def _long_ext(data: bytes) -> bytes:
     raise _Fallback
 
 
+# The library's own dict subclasses (``Metrics``, what ``cache.metrics()`` returns) encode as
+# the dict they are, so that a value that was a plain dict before still stores. Recognised by
+# name, not imported: this module stands alone (it is loaded by path in a test).
+_OWN_DICTS = frozenset({("persistroids_dist.metrics_view", "Metrics")})
+
+
+def _own_dict(t: type) -> bool:
+    return (getattr(t, "__module__", None), getattr(t, "__qualname__", None)) in _OWN_DICTS
+
+
 # -- the general path (msgpack with a default hook) ---------------------------------------------
 def _unsupported(obj: Any) -> TypeError:
     if type(obj) is int:
@@ -231,6 +241,8 @@ def _ext_default(obj: Any) -> Any:
         except _FAST_ERRORS:
             payload = _packer_bytes(list(obj))
         return msgpack.ExtType(_TUPLE_EXT, payload)
+    if _own_dict(type(obj)):
+        return dict(obj)
     conv = _numpy_scalar(type(obj))
     if conv is not None:
         return conv(obj)
@@ -245,6 +257,8 @@ def _packer_bytes(obj: Any) -> bytes:
 def _reference_default(obj: Any) -> Any:
     if type(obj) is tuple:
         return msgpack.ExtType(_TUPLE_EXT, _reference_packb(list(obj)))
+    if _own_dict(type(obj)):
+        return dict(obj)
     conv = _numpy_scalar(type(obj))
     if conv is not None:
         return conv(obj)
