@@ -16,7 +16,7 @@ from nbclient.exceptions import CellExecutionError, CellTimeoutError
 from nbformat.v4 import new_code_cell, new_notebook
 from run_notebooks import NOTEBOOK_DIR, execute, notebooks
 
-EXPECTED = ["01_quickstart.ipynb", "02_shared_cache.ipynb"]
+EXPECTED = ["01_quickstart.ipynb", "02_shared_cache.ipynb", "03_pipeline_checkpoints.ipynb"]
 NOTEBOOK_TIMEOUT_S = 300
 
 
@@ -60,6 +60,17 @@ def test_shared_cache_runs(tmp_path):
                  str(tmp_path / "02_shared_cache.ipynb"), NOTEBOOK_TIMEOUT_S)
     assert len(outputs(nb, "image/png")) == 2  # the plots, drawn with no display
     assert any("Per shard:" in h for h in outputs(nb, "text/html"))
+
+
+@pytest.mark.timeout(NOTEBOOK_TIMEOUT_S + 60)
+def test_pipeline_checkpoints_runs(tmp_path):
+    nb = execute(os.path.join(NOTEBOOK_DIR, "03_pipeline_checkpoints.ipynb"),
+                 str(tmp_path / "03_pipeline_checkpoints.ipynb"), NOTEBOOK_TIMEOUT_S)
+    text = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                   for o in cell.outputs)
+    assert "killed, exit code -9" in text
+    assert "resuming at event" in text and "each counted once" in text
+    assert any('class="dataframe"' in h for h in outputs(nb, "text/html"))
 
 
 def test_a_failing_cell_fails_the_run(tmp_path):
