@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from typing import Any
 
 import msgpack
@@ -60,7 +61,7 @@ class _ActorShardHost(ShardHost):
         # Clients on this node use the Unix socket; clients on other nodes need TCP, on the
         # address Ray knows this node by (``listen_tcp=False``: this node only).
         tcp_host = ray.util.get_node_ip_address() if options.pop("listen_tcp", True) else None
-        self._reconstructed = ctx.was_current_actor_reconstructed
+        self._reconstructed = _was_restarted()
         if self._reconstructed and self._replicated:
             # Ray restarted this process: the coordinator says what it is now (a backup
             # may have been promoted meanwhile, a primary deposed).
@@ -192,6 +193,14 @@ class _ActorShardHost(ShardHost):
 ShardActor = ray.remote(_ActorShardHost)
 
 
+def _was_restarted() -> bool:
+    """Whether Ray restarted this actor. Ray's own property reads a deprecated attribute and
+    warned in every actor's log on every start: the warning is not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
 class _Stuck(Exception):
     """A reshard some shards finished handing over and others could not."""
 
@@ -237,8 +246,7 @@ class Coordinator:
         self._ckpt_next: int | None = None
         self._ckpt_last: dict[str, Any] | None = None
         self.c_taken = self.c_failed = 0
-        if (making or {}).get("options", {}).get("staged") and \
-                ray.get_runtime_context().was_current_actor_reconstructed:
+        if (making or {}).get("options", {}).get("staged") and _was_restarted():
             # Restarted: a checkpoint this coordinator was taking when it died holds the
             # shards' writes (paused) until they hear from it: settle them now.
             threading.Thread(target=self.checkpoint_recover, args=(False,), daemon=True,
