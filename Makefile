@@ -20,7 +20,7 @@ cluster-demo: $(STAMP)
 	$(BIN)/python -m persistroids_dist.cluster_demo
 
 test: $(STAMP)
-	$(BIN)/ruff check persistroids_dist connectors tests benchmarks
+	$(BIN)/ruff check persistroids_dist connectors tests benchmarks examples notebooks
 	$(BIN)/python -m pytest -q
 
 # Ray-free unit tests only: seconds, no servers needed.
@@ -43,7 +43,7 @@ soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak
 
 lint: $(STAMP)
-	$(BIN)/ruff check persistroids_dist connectors tests benchmarks
+	$(BIN)/ruff check persistroids_dist connectors tests benchmarks examples notebooks
 
 clean:
 	rm -rf $(VENV) .pytest_cache

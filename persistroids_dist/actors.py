@@ -101,6 +101,16 @@ class _ActorShardHost(ShardHost):
         return ray.get(getattr(coordinator, method).remote(*args), timeout=60)
 
     def _before_serving(self) -> None:
+        # A restarted checkpointed shard may have missed the commit of a checkpoint it had
+        # sealed (the coordinator sends it once): the last one would never be stored.
+        if self.core.staged and self._reconstructed and self._cache_name:
+            try:
+                committed = self._ask("checkpoint_committed")
+                with self._lease_cond:
+                    self.core.commit(committed)
+            except Exception as e:  # the next checkpoint commits it too
+                log.warning("shard %d: could not ask for the last checkpoint: %s",
+                            self.index, e)
         # A restarted primary takes its backup back before it acknowledges anything: the
         # backup's copy is older than the journal just replayed, so it is sent whole.
         if self._replicated and self._reconstructed:
@@ -768,6 +778,14 @@ class Coordinator:
             except Exception:
                 log.exception("checkpoint %d: the checkpoint handler failed", epoch)
         return m
+
+    def checkpoint_committed(self) -> int:
+        """The id of the last complete checkpoint (-1: none yet). Takes no checkpoint lock:
+        a shard restarting in the middle of a checkpoint asks it."""
+        last = self._ckpt_last
+        if last is None:
+            last = self._checkpoints().last()
+        return -1 if last is None else last["id"]
 
     def checkpoint_metrics(self) -> dict[str, Any]:
         """Checkpoints taken and failed by this coordinator, the last one's figures, and

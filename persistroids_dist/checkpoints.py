@@ -12,6 +12,7 @@ last, so a checkpoint whose pointer was not written is not complete.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +66,8 @@ class CheckpointStore:
         self.conn: BaseConnector = as_connector(connector)
         self.name = name
         self._connected = False
+        # The coordinator is threaded: one call at a time on the connector.
+        self._lock = threading.RLock()
 
     def _connect(self) -> None:
         if not self._connected:
@@ -72,8 +75,9 @@ class CheckpointStore:
             self._connected = True
 
     def _read(self, key: Any) -> Any:
-        self._connect()
-        return self.conn.read(("checkpoint", self.name, key))
+        with self._lock:
+            self._connect()
+            return self.conn.read(("checkpoint", self.name, key))
 
     def index(self) -> list[int]:
         ids = self._read("index")
@@ -88,16 +92,18 @@ class CheckpointStore:
 
     def commit(self, manifest: dict[str, Any]) -> None:
         """Write ``manifest`` and make it the newest: complete from here on."""
-        self._connect()
-        ids = [*self.index(), manifest["id"]][-KEEP:]
-        payloads = [self.conn.write(("checkpoint", self.name, manifest["id"]), manifest),
-                    self.conn.write(("checkpoint", self.name, "index"), ids)]
-        self.conn.flush(payloads)
+        with self._lock:
+            self._connect()
+            ids = [*self.index(), manifest["id"]][-KEEP:]
+            payloads = [self.conn.write(("checkpoint", self.name, manifest["id"]), manifest),
+                        self.conn.write(("checkpoint", self.name, "index"), ids)]
+            self.conn.flush(payloads)
 
     def close(self) -> None:
-        if self._connected:
-            self.conn.disconnect()
-            self._connected = False
+        with self._lock:
+            if self._connected:
+                self.conn.disconnect()
+                self._connected = False
 
 
 def manifest(cid: int, state: bytes, counts: list[dict[str, Any]], started: float,

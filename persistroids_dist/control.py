@@ -257,8 +257,11 @@ def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict
     if detached:
         actor_opts["lifetime"] = "detached"
     placed = placement_options(placement, num_shards)
+    # The shards find their coordinator by the cache's name (a restarted one asks it what
+    # it missed: its backup, the last committed checkpoint).
+    options = {**options, "cache_name": name}
     if replicas:
-        options = {**options, "replicas": replicas, "cache_name": name}
+        options["replicas"] = replicas
     shards: list[Any] = []
     coordinator = None
     try:

@@ -29,9 +29,13 @@ from persistroids_dist.connectors.testing import PrivateRedis
 
 @ray.remote(num_cpus=0, max_retries=0)
 def remote_writer(cache: pd.Cache, tag: str, seconds: float) -> dict:
-    """The same writers in another process, which learns of the reshards on its own."""
+    """The same writers in another process, which learns of the reshards on its own. They
+    stop once the key ``<tag>.stop`` is set (after the driver's reshards, however long
+    those took), or after ``seconds`` at most."""
+    deadline = time.monotonic() + seconds
     with Writers(cache, tag) as w:
-        time.sleep(seconds)
+        while not cache.read(f"{tag}.stop") and time.monotonic() < deadline:
+            time.sleep(0.1)
     return {"acked": {**w.acked, **w.batches},
             "counts": dict(zip(w.counter_names(), w.counts, strict=True)),
             "errors": w.errors, "epoch": cache._pool.epoch, "num_shards": cache.num_shards}
@@ -50,7 +54,7 @@ def test_grow_2_to_5_and_shrink_5_to_3_under_concurrent_writers(make_cache, tmp_
     for i in range(500):
         cache.write(f"seed{i}", i)
     cache.sync()
-    remote = remote_writer.remote(cache, "r", 6.0)
+    remote = remote_writer.remote(cache, "r", 120.0)
     with Writers(cache, "d") as w:
         time.sleep(1.0)
         grown = cache.reshard(5)
@@ -59,6 +63,7 @@ def test_grow_2_to_5_and_shrink_5_to_3_under_concurrent_writers(make_cache, tmp_
         shrunk = cache.reshard(3)
         assert cache.num_shards == 3 and shrunk["epoch"] == grown["epoch"] + 1
         time.sleep(1.0)
+        cache.write("r.stop", 1, wait=True)
     r = ray.get(remote, timeout=120)
     assert not w.errors and not r["errors"], (w.errors + r["errors"])[:5]
     assert r["epoch"] == shrunk["epoch"] and r["num_shards"] == 3  # it learnt both

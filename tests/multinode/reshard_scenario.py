@@ -40,7 +40,7 @@ def main() -> int:
             cache = pd.init([SQLiteConnector(f"{folder}/store.db")], num_shards=2,
                             replicas=1, journal=f"{folder}/journal", init_fn=zero,
                             writes_threshold=10**6, millis_threshold=600_000)
-            remote = [pinned(remote_writer, n.node_id).remote(cache, f"r{i}", 7.0)
+            remote = [pinned(remote_writer, n.node_id).remote(cache, f"r{i}", 120.0)
                       for i, n in enumerate(workers)]
             with Writers(cache, "d") as w:
                 time.sleep(1.0)
@@ -48,6 +48,8 @@ def main() -> int:
                 time.sleep(1.5)
                 shrunk = cache.reshard(3)
                 time.sleep(1.0)
+                for i in range(len(workers)):  # the remote writers stop now, not on a clock
+                    cache.write(f"r{i}.stop", 1, wait=True)
             results = ray.get(remote, timeout=300)
             acked = {**w.acked, **w.batches}
             counters = dict(zip(w.counter_names(), w.counts, strict=True))
