@@ -9,6 +9,7 @@
 from .api import connect, ensure_ray, init
 from .client import Cache
 from .connector import BaseConnector, Connector
+from .data import CacheLookup, CacheWrite, ColumnNotFoundError, enrich, write_back
 from .errors import (
     AuthenticationError,
     BackpressureError,
@@ -35,7 +36,10 @@ __all__ = [
     "BaseConnector",
     "Cache",
     "CacheClosedError",
+    "CacheLookup",
     "CacheNotFoundError",
+    "CacheWrite",
+    "ColumnNotFoundError",
     "Connector",
     "FlushError",
     "LeaseLostError",
@@ -51,7 +55,9 @@ __all__ = [
     "UnacknowledgedWritesError",
     "WriteError",
     "connect",
+    "enrich",
     "ensure_ray",
     "init",
+    "write_back",
 ]
 __version__ = "0.1.0"
