@@ -7,15 +7,14 @@ from __future__ import annotations
 import sqlite3
 
 import numpy as np
+import pandas
+import pyarrow as pa
 import pytest
+import ray.data as ray_data  # ray[data], in the test extra: a missing one fails, never skips
 
-ray_data = pytest.importorskip("ray.data", reason="needs ray[data] (the test extra has it)")
-pandas = pytest.importorskip("pandas")
-pa = pytest.importorskip("pyarrow")
-
-import persistroids_dist as pd  # noqa: E402
-from persistroids_dist.codec import decode_value, encode_key  # noqa: E402
-from persistroids_dist.connectors.sqlite import SQLiteConnector  # noqa: E402
+import persistroids_dist as pd
+from persistroids_dist.codec import decode_value, encode_key
+from persistroids_dist.connectors.sqlite import SQLiteConnector
 
 N = 10_000
 BLOCKS = 8
