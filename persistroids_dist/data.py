@@ -2,6 +2,7 @@
 
     import ray
     import persistroids_dist as pd
+    from persistroids_dist.connectors.sqlite import SQLiteConnector
 
     cache = pd.init([SQLiteConnector("scores.db")], num_shards=4)
     ds = ray.data.read_parquet("events/")
