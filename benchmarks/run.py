@@ -30,7 +30,8 @@ Layout
 ``harness.py`` holds what the cases share (Row, Ctx, timing and percentiles, formatting, the
 table and the reports, cleanup) and the registry; each case is one module that registers itself
 with ``@case("B1")``: ``b1_seed_loop``, ``b2_remote_read``, ``b3_batches``, ``b4_near``,
-``b5_counters``, ``b6_flush``, ``b7_memory``, ``c1_connectors``, ``j1_journal``, ``k1_keys``,
+``b5_counters``, ``b6_flush``, ``b7_memory``, ``c1_connectors``, ``d1_ray_data`` (D1: a
+Ray Data lookup-compute-write pipeline against the same on Redis), ``j1_journal``, ``k1_keys``,
 ``n1_cross_node`` (N1: a read over TCP, as from another node), ``r1_replicas`` (R1:
 pipelined writes with a backup on another node) and ``s1_store_stall`` (S1 and
 S2: reads of cached keys while a shard's store is slow or down).
@@ -62,6 +63,7 @@ from benchmarks import (  # noqa: F401  (importing a case module registers its c
     b6_flush,
     b7_memory,
     c1_connectors,
+    d1_ray_data,
     j1_journal,
     k1_keys,
     n1_cross_node,

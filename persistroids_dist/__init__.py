@@ -10,6 +10,7 @@ from .api import connect, ensure_ray, init
 from .checkpoints import CheckpointInfo
 from .client import Cache
 from .connector import BaseConnector, Connector
+from .data import CacheLookup, CacheWrite, ColumnNotFoundError, enrich, write_back
 from .errors import (
     AuthenticationError,
     BackpressureError,
@@ -36,8 +37,11 @@ __all__ = [
     "BaseConnector",
     "Cache",
     "CacheClosedError",
+    "CacheLookup",
     "CacheNotFoundError",
+    "CacheWrite",
     "CheckpointInfo",
+    "ColumnNotFoundError",
     "Connector",
     "FlushError",
     "LeaseLostError",
@@ -53,7 +57,9 @@ __all__ = [
     "UnacknowledgedWritesError",
     "WriteError",
     "connect",
+    "enrich",
     "ensure_ray",
     "init",
+    "write_back",
 ]
 __version__ = "0.1.0"
