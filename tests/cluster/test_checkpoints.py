@@ -6,33 +6,20 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import threading
 import time
 import uuid
 
 import pytest
 import ray
+from sqlite_rows import stored
 from test_histories import zero
 from writers import BUMP
 
 import persistroids_dist as pd
-from persistroids_dist.codec import decode_value
 from persistroids_dist.connectors.redis import RedisConnector
 from persistroids_dist.connectors.sqlite import SQLiteConnector
 from persistroids_dist.connectors.testing import PrivateRedis
-
-
-def stored(path) -> dict:
-    try:
-        con = sqlite3.connect(path)
-        try:
-            return {decode_value(k): decode_value(v)
-                    for k, v in con.execute("SELECT k, v FROM kv")}
-        finally:
-            con.close()
-    except sqlite3.OperationalError:  # no table yet: nothing stored
-        return {}
 
 
 def wait_for(what, timeout: float = 20.0):

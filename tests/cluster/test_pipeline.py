@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -17,9 +16,9 @@ import uuid
 
 import pytest
 import ray
+from sqlite_rows import stored
 
 import persistroids_dist as pd
-from persistroids_dist.codec import decode_value
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "examples"))
@@ -27,18 +26,6 @@ import pipeline  # noqa: E402
 
 RUNS = int(os.environ.get("PERSISTROIDS_PIPELINE_RUNS", "20"))
 EVENTS, EVERY = 1200, 200  # a batch takes ~70 ms here: most kills land inside one
-
-
-def stored(path) -> dict:
-    try:
-        con = sqlite3.connect(path)
-        try:
-            return {decode_value(k): decode_value(v)
-                    for k, v in con.execute("SELECT k, v FROM kv")}
-        finally:
-            con.close()
-    except sqlite3.OperationalError:
-        return {}
 
 
 def start_driver(name: str, store: str, journal: str) -> subprocess.Popen:

@@ -4,16 +4,15 @@ computed in plain Python, in the cache and in a real SQLite store."""
 
 from __future__ import annotations
 
-import sqlite3
-
 import numpy as np
 import pandas
 import pyarrow as pa
 import pytest
 import ray.data as ray_data  # ray[data], in the test extra: a missing one fails, never skips
+from sqlite_rows import stored
 
 import persistroids_dist as pd
-from persistroids_dist.codec import decode_value, encode_key
+from persistroids_dist.codec import encode_key
 from persistroids_dist.connectors.sqlite import SQLiteConnector
 
 N = 10_000
@@ -31,16 +30,6 @@ def quiet_ray_data(ray_session):
     ctx.enable_progress_bars = False
     yield
     ctx.enable_progress_bars = was
-
-
-def stored(db) -> dict:
-    """The SQLite table's contents, decoded: {key: value}."""
-    con = sqlite3.connect(db)
-    try:
-        return {decode_value(bytes(k)): decode_value(bytes(v))
-                for k, v in con.execute("SELECT k, v FROM kv")}
-    finally:
-        con.close()
 
 
 def add_new(batch):

@@ -7,8 +7,9 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+from sqlite_rows import stored
 
-from persistroids_dist.codec import decode_value, encode_key, encode_value
+from persistroids_dist.codec import encode_key, encode_value
 from persistroids_dist.connectors.sqlite import SQLiteConnector
 from persistroids_dist.errors import FlushError
 from persistroids_dist.shard import ShardCore
@@ -22,14 +23,6 @@ def checked_store(path) -> SQLiteConnector:
                 "CHECK (length(v) < 100)) WITHOUT ROWID")
     con.close()
     return SQLiteConnector(path)
-
-
-def stored(path) -> dict:
-    con = sqlite3.connect(path)
-    try:
-        return {decode_value(k): decode_value(v) for k, v in con.execute("SELECT k, v FROM kv")}
-    finally:
-        con.close()
 
 
 class Counting(SQLiteConnector):

@@ -5,29 +5,16 @@ of it from its journal. Real SQLite, no Ray."""
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
+from sqlite_rows import stored
 
-from persistroids_dist.codec import decode_value, encode_key
+from persistroids_dist.codec import encode_key
 from persistroids_dist.connectors.sqlite import SQLiteConnector
 from persistroids_dist.errors import FlushError
 from persistroids_dist.journal import Journal
 from persistroids_dist.shard import ShardCore
 
 OPTS = {"writes_threshold": 0, "millis_threshold": 1, "staged": True}
-
-
-def stored(path) -> dict:
-    try:
-        con = sqlite3.connect(path)
-        try:
-            return {decode_value(k): decode_value(v)
-                    for k, v in con.execute("SELECT k, v FROM kv")}
-        finally:
-            con.close()
-    except sqlite3.OperationalError:  # no table yet: nothing stored
-        return {}
 
 
 def core(tmp_path, journal: bool = True, **kw) -> ShardCore:
