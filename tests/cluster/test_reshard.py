@@ -41,6 +41,15 @@ def remote_writer(cache: pd.Cache, tag: str, seconds: float) -> dict:
             "errors": w.errors, "epoch": cache._pool.epoch, "num_shards": cache.num_shards}
 
 
+def sqlite_cache(make_cache: Callable[..., pd.Cache], tmp_path: Any,
+                 buffered: bool = True) -> pd.Cache:
+    """Two shards over one SQLite file, journaled, counters starting at 0; ``buffered``:
+    nothing flushed until asked (what a reshard moves is then all pending)."""
+    more = {"writes_threshold": 10**6, "millis_threshold": 600_000} if buffered else {}
+    return make_cache([SQLiteConnector(tmp_path / "store.db")], num_shards=2,
+                      journal=tmp_path / "journal", init_fn=zero, **more)
+
+
 def check_model(cache: pd.Cache, acked: dict[str, int], counters: dict[str, int]) -> None:
     missing = lost(cache, acked)
     assert not missing, f"{len(missing)} of {len(acked)} acknowledged writes lost: {missing[:5]}"
@@ -48,9 +57,7 @@ def check_model(cache: pd.Cache, acked: dict[str, int], counters: dict[str, int]
 
 
 def test_grow_2_to_5_and_shrink_5_to_3_under_concurrent_writers(make_cache, tmp_path):
-    cache = make_cache([SQLiteConnector(tmp_path / "store.db")], num_shards=2,
-                       journal=tmp_path / "journal", init_fn=zero,
-                       writes_threshold=10**6, millis_threshold=600_000)
+    cache = sqlite_cache(make_cache, tmp_path)
     for i in range(500):
         cache.write(f"seed{i}", i)
     cache.sync()
@@ -130,9 +137,7 @@ def test_a_reshard_while_the_store_is_down_moves_the_pending_writes(make_cache, 
 def test_a_reshard_that_cannot_start_moves_nothing(make_cache, tmp_path):
     # One shard refuses its export (a handoff of its own is under way): the others take
     # their slots back, the added shards go, and the cache goes on as it was.
-    cache = make_cache([SQLiteConnector(tmp_path / "store.db")], num_shards=2,
-                       journal=tmp_path / "journal", init_fn=zero,
-                       writes_threshold=10**6, millis_threshold=600_000)
+    cache = sqlite_cache(make_cache, tmp_path)
     for i in range(200):
         cache.write(f"k{i}", i)
     cache.sync()
@@ -192,8 +197,7 @@ def histories_across(cache: pd.Cache, keys: list[str], tag: str, refs: list[Any]
 
 
 def test_histories_during_reshards_are_linearizable(make_cache, tmp_path):
-    cache = make_cache([SQLiteConnector(tmp_path / "store.db")], num_shards=2,
-                       journal=tmp_path / "journal", init_fn=zero)
+    cache = sqlite_cache(make_cache, tmp_path, buffered=False)
     keys = [f"h{i}" for i in range(6)]
     tag = uuid.uuid4().hex
     refs = [history_worker.remote(cache, w, keys, 900 + w, tag) for w in range(4)]
@@ -228,8 +232,7 @@ def test_leases_through_a_reshard_keep_every_increment(make_cache, tmp_path):
     # A thread leases keys and increments them in-process while the cache reshards: leases
     # held on the slots a reshard moves move with them, new leases on them are refused
     # until the new table is out, then granted by the new owner.
-    cache = make_cache([SQLiteConnector(tmp_path / "store.db")], num_shards=2,
-                       journal=tmp_path / "journal", init_fn=zero)
+    cache = sqlite_cache(make_cache, tmp_path, buffered=False)
     keys = [f"L{i}" for i in range(8)]
     done = {k: 0 for k in keys}
     stop = threading.Event()
@@ -268,8 +271,7 @@ def test_a_lease_held_through_a_reshard_moves_with_its_slot(make_cache, tmp_path
     # Held across two reshards and for several times its time to live after them: never
     # recalled, renewed by its new owners (else it would expire and its writes be refused
     # at release), and every in-process increment lands.
-    cache = make_cache([SQLiteConnector(tmp_path / "store.db")], num_shards=2,
-                       journal=tmp_path / "journal", init_fn=zero)
+    cache = sqlite_cache(make_cache, tmp_path, buffered=False)
     keys = [f"held{i}" for i in range(16)]
     first = cache.metrics()["shards"]
     with cache.lease(*keys, ttl_ms=1000):
@@ -301,9 +303,7 @@ def test_shard_processes_killed_during_reshards_lose_nothing(make_cache, tmp_pat
     # says so) and is exported again; a new owner killed finds the state in its journal.
     seed = random.randrange(10**6)
     rng = random.Random(seed)
-    cache = make_cache([SQLiteConnector(tmp_path / "store.db")], num_shards=2,
-                       journal=tmp_path / "journal", init_fn=zero,
-                       writes_threshold=10**6, millis_threshold=600_000)
+    cache = sqlite_cache(make_cache, tmp_path)
     outcomes = []
     with Writers(cache, "x") as w:
         time.sleep(0.5)
