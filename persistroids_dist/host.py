@@ -806,8 +806,8 @@ class ShardHost:
         self.server.close()
         # Checkpointed, writes of no committed checkpoint are not stored by a close: they
         # stay in the journal (the next init replays them, or drops them to restore).
-        unwritten = len(self.core._dirty) + sum(
-            len(e.sizes) for e in self.core._sealed.values()) if self.core.staged else 0
+        state = self.core.staged_state() if self.core.staged else None
+        unwritten = state["open"] + sum(state["sealed"].values()) if state else 0
         if self.journal is not None:  # else everything journaled is stored now
             self.journal.close(remove=not unwritten)
         metrics["unwritten"] = unwritten

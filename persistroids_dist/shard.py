@@ -965,9 +965,7 @@ class ShardCore:
                 self._flushing = False
                 self._cond.notify_all()
             if failed:
-                self._backoff = min(max(self._backoff * 2, 0.05), 5.0)
-                self._retry_at = self._clock() + self._backoff * random.uniform(0.5, 1.0)
-                self.c["retries"] += 1
+                self._back_off()
                 if explicit:
                     raise FlushError(self.index, failed)
                 return applied
@@ -1222,10 +1220,7 @@ class ShardCore:
                 self._pending_sizes.setdefault(kb, sizes.get(kb, len(kb)))
             self._pending_bytes = sum(self._pending_sizes.values())
             self._oldest_pending = oldest
-            self._backoff = min(max(self._backoff * 2, 0.05), 5.0)
-            # Jitter: shards that failed together do not retry in lockstep.
-            self._retry_at = self._clock() + self._backoff * random.uniform(0.5, 1.0)
-            self.c["retries"] += 1
+            self._back_off()
             if segment is not None:
                 self.journal.keep(segment)
             if explicit:
@@ -1261,6 +1256,13 @@ class ShardCore:
                     raise
                 log.exception("shard %d: checkpoint handler failed", self.index)
         return flushed
+
+    def _back_off(self) -> None:
+        """A flush failed: wait longer before the next timed one (doubling, 50 ms to 5 s).
+        Jitter: shards that failed together do not retry in lockstep."""
+        self._backoff = min(max(self._backoff * 2, 0.05), 5.0)
+        self._retry_at = self._clock() + self._backoff * random.uniform(0.5, 1.0)
+        self.c["retries"] += 1
 
     def _store_flush(self, conn: BaseConnector, payloads: list[Any]) -> None:
         self._connected(conn)
