@@ -58,6 +58,9 @@ class _ActorShardHost(ShardHost):
         options = dict(options)
         self._cache_name = options.pop("cache_name", None)
         self._replicated = bool(options.pop("replicas", 0))
+        if options.pop("watch_coordinator", False):
+            threading.Thread(target=self._watch_coordinator, daemon=True,
+                             name="persistroids-watch").start()
         # Clients on this node use the Unix socket; clients on other nodes need TCP, on the
         # address Ray knows this node by (``listen_tcp=False``: this node only).
         tcp_host = ray.util.get_node_ip_address() if options.pop("listen_tcp", True) else None
@@ -94,6 +97,24 @@ class _ActorShardHost(ShardHost):
             self.restarts = self._count_restart()
             log.warning("shard %d: restarted by Ray (restart %d) on node %s", self.index,
                         self.restarts, self.node_id[:12])
+
+    def _watch_coordinator(self, every_s: float = 2.0, misses: int = 3) -> None:
+        """A detached replica (see ``Coordinator._add_backup``) ends itself once its cache
+        has no coordinator any more (not even one restarting): ``misses`` lookups in a
+        row, ``every_s`` apart, so one slow answer does not end it."""
+        missed = 0
+        while missed < misses:
+            time.sleep(every_s)
+            try:
+                ray.get_actor(coordinator_name(self._cache_name), namespace=NAMESPACE)
+                missed = 0
+            except ValueError:
+                missed += 1
+            except Exception:  # the GCS is busy: not an answer either way
+                pass
+        log.warning("shard %d: the coordinator of cache %r is gone; this %s replica ends",
+                    self._args[0], self._cache_name, getattr(self, "role", "?"))
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def _ask(self, method: str, *args: Any) -> Any:
         """Call the coordinator of this shard's cache (found by name)."""
@@ -250,6 +271,15 @@ class Coordinator:
         self.failovers = 0
         self._made = 0
         self._stop = threading.Event()
+        # Ray restarts a checkpointed cache's coordinator (``making["restartable"]``). With
+        # replicas, who serves each shard changes at run time (failovers, new backups): it
+        # is kept in a file beside the journals and read back here after a restart, with
+        # every actor found again by its name.
+        self._names = [f"{coordinator_name(spec.name)}:shard{i}" for i in range(n)]
+        self._backup_names: list[str | None] = [None] * n
+        self._restartable = bool((making or {}).get("restartable"))
+        if self._restartable and replication and _was_restarted():
+            self._load_routing()
         # Checkpoints (a checkpointed cache): one at a time; ids grow from the last one.
         self._ckpt_lock = threading.Lock()
         self._ckpt_store: CheckpointStore | None = None
@@ -306,8 +336,10 @@ class Coordinator:
 
     def _drop_backup(self, i: int) -> None:
         backup, self._backups[i], self._backup_nodes[i] = self._backups[i], None, None
+        self._backup_names[i] = None
         if backup is not None:
             self._retired.add(self._id(backup))
+            self._save_routing()
             try:
                 ray.kill(backup, no_restart=True)
             except Exception:
@@ -318,12 +350,14 @@ class Coordinator:
         self._retired.add(self._id(old))
         address = ray.get(backup.promote.remote(), timeout=300)  # it replays its copy
         self._shards[i] = backup
+        self._names[i] = self._backup_names[i] or self._names[i]
         self._primary_nodes[i] = self._backup_nodes[i]
-        self._backups[i] = self._backup_nodes[i] = None
+        self._backups[i] = self._backup_nodes[i] = self._backup_names[i] = None
         addresses = list(self._spec.addresses)
         addresses[i] = address
         self._spec = self._spec.replace(shards=list(self._shards), addresses=addresses)
         self.failovers += 1
+        self._save_routing()
         log.warning("shard %d: its node %s is dead; its backup on %s is the primary now", i,
                     str(old)[:40], self._primary_nodes[i])
         try:
@@ -348,10 +382,18 @@ class Coordinator:
             candidates = [self._primary_nodes[i]]
         node = candidates[0]
         self._made += 1
-        opts = {**rep["actor_options"],
-                "name": f"{coordinator_name(self._spec.name)}:shard{i}:backup{self._made}",
+        name = f"{coordinator_name(self._spec.name)}:shard{i}:backup{self._made}"
+        opts = {**rep["actor_options"], "name": name,
                 "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
-        backup = ShardActor.options(**opts).remote(i, rep["connectors"], rep["options"],
+        options = rep["options"]
+        if self._restartable:
+            # An actor dies with the process that made it, and a restarted coordinator is a
+            # new process: detached, a backup (and the primary it may become) outlives this
+            # one; it ends itself once no coordinator of its cache exists (the driver of a
+            # cache that is not detached ended), so nothing is left behind.
+            opts["lifetime"] = "detached"
+            options = {**options, "watch_coordinator": True}
+        backup = ShardActor.options(**opts).remote(i, rep["connectors"], options,
                                                   rep["secret"], "backup")
         try:
             address = ray.get(backup.mirror_address.remote(), timeout=120)
@@ -361,6 +403,85 @@ class Coordinator:
             ray.kill(backup, no_restart=True)
             raise
         self._backups[i], self._backup_nodes[i] = backup, node
+        self._backup_names[i] = name
+        self._save_routing()
+
+    def _routing_path(self) -> str | None:
+        journal = (self._making or {}).get("options", {}).get("journal")
+        return os.path.join(journal, "coordinator.routing") if journal else None
+
+    def _save_routing(self) -> None:
+        """Write who serves each shard (names, nodes, addresses), the retired replicas and
+        the counters to the routing file, atomically. Call with ``_lock`` held."""
+        path = self._routing_path()
+        if not self._restartable or path is None:
+            return
+        blob = msgpack.packb({
+            "names": self._names, "nodes": self._primary_nodes,
+            "backup_names": self._backup_names, "backup_nodes": self._backup_nodes,
+            "addresses": [dict(a) for a in self._spec.addresses],
+            "retired": sorted(self._retired), "failovers": self.failovers,
+            "made": self._made})
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _load_routing(self) -> None:
+        """After a restart: take back the routing file's view (a predecessor may have
+        promoted backups and placed new ones), find every actor by name, and remove any
+        backup it started but died before recording (nothing else knows of it)."""
+        path = self._routing_path()
+        try:
+            with open(path or "", "rb") as f:
+                state = msgpack.unpackb(f.read())
+        except (OSError, ValueError) as e:
+            log.warning("coordinator restarted without its routing file (%s): the shards "
+                        "it started with serve; their backups are placed again", e)
+            state = None
+        prefix = f"{coordinator_name(self._spec.name)}:shard"
+        if state is not None:
+            self._names = list(state["names"])
+            self._primary_nodes = list(state["nodes"])
+            self._retired = set(state["retired"])
+            self.failovers = int(state["failovers"])
+            self._made = int(state["made"])
+            for i, name in enumerate(self._names):
+                try:
+                    self._shards[i] = ray.get_actor(name, namespace=NAMESPACE)
+                except ValueError:  # gone for good: the monitor promotes its backup
+                    log.warning("shard %d: its primary %s is gone", i, name)
+            for i, name in enumerate(state["backup_names"]):
+                try:
+                    if name is not None:
+                        self._backups[i] = ray.get_actor(name, namespace=NAMESPACE)
+                        self._backup_names[i] = name
+                        self._backup_nodes[i] = state["backup_nodes"][i]
+                except ValueError:
+                    pass
+            self._spec = self._spec.replace(shards=list(self._shards),
+                                            addresses=list(state["addresses"]))
+        known = {*self._names, *(n for n in self._backup_names if n)}
+        for named in ray.util.list_named_actors(all_namespaces=True):
+            name = named["name"] if isinstance(named, dict) else named
+            if not name.startswith(prefix) or ":backup" not in name:
+                continue
+            try:
+                self._made = max(self._made, int(name.rsplit(":backup", 1)[1]))
+            except ValueError:
+                continue
+            if name not in known:
+                try:
+                    stray = ray.get_actor(name, namespace=NAMESPACE)
+                    self._retired.add(self._id(stray))
+                    ray.kill(stray, no_restart=True)
+                except ValueError:
+                    pass
+        log.warning("coordinator restarted: shards served by %s, backups %s, %d failover(s)",
+                    self._names, self._backup_names, self.failovers)
 
     def route(self, i: int) -> Any:
         """The actor serving shard ``i`` now (promoting its backup first if the primary's
@@ -489,6 +610,9 @@ class Coordinator:
                         a.get("node_id") for a in addresses]
                     self._backups = self._backups + [None] * len(added)
                     self._backup_nodes = self._backup_nodes + [None] * len(added)
+                    self._backup_names = self._backup_names + [None] * len(added)
+                    self._names = self._names[:old_n] + [
+                        self._new_shard_name(i, epoch) for i in range(old_n, num_shards)]
                 if self._replication:
                     self.heal()
             losing = {i: [s for s in range(len(old)) if old[s] == i and new[s] != i]
@@ -510,6 +634,8 @@ class Coordinator:
                     self._primary_nodes = self._primary_nodes[:old_n]
                     self._backups = self._backups[:old_n]
                     self._backup_nodes = self._backup_nodes[:old_n]
+                    self._backup_names = self._backup_names[:old_n]
+                    self._names = self._names[:old_n]
                 for a in [*added, *(b for b in dropped if b is not None)]:
                     ray.kill(a, no_restart=True)
                 # The same table under the new epoch: clients refused as moved meanwhile
@@ -525,6 +651,8 @@ class Coordinator:
                 self._shards = shards
                 self._backups = self._backups[:num_shards]
                 self._backup_nodes = self._backup_nodes[:num_shards]
+                self._backup_names = self._backup_names[:num_shards]
+                self._names = self._names[:num_shards]
                 self._primary_nodes = self._primary_nodes[:num_shards]
                 spec_addresses = (list(self._spec.addresses) + addresses)[:num_shards]
             with self._epoch_changed:
@@ -658,6 +786,9 @@ class Coordinator:
                     time.sleep(0.5)
         return handed
 
+    def _new_shard_name(self, i: int, epoch: int) -> str:
+        return f"{coordinator_name(self._spec.name)}:shard{i}.e{epoch}"
+
     def _start_shard(self, i: int, epoch: int, load: dict[str, int]) -> Any:
         """A new shard ``i`` for a reshard: it owns no slot until ``own_slots``, and checks
         every key (a client of an older table may send it keys it never owned). Placed on
@@ -667,8 +798,7 @@ class Coordinator:
         assert making is not None
         options = {**making["options"], "slots": bytes(NUM_SLOTS), "check_slots": True,
                    "epoch": epoch}
-        opts = {**making["actor_options"],
-                "name": f"{coordinator_name(self._spec.name)}:shard{i}.e{epoch}"}
+        opts = {**making["actor_options"], "name": self._new_shard_name(i, epoch)}
         alive = self._alive_nodes()
         if len(alive) > 1 and not making.get("same_node"):
             node = min(alive, key=lambda n: (load.get(n, 0), n))

@@ -289,15 +289,17 @@ def start_cache(name: str, num_shards: int, connectors: list[Any], options: dict
         # Threaded: a primary asking about its lost backup, or a client waiting for a
         # reshard's table, must get an answer while the coordinator waits on a shard.
         coord_opts["max_concurrency"] = 16
-        if checkpoints is not None and not replicas:
-            # A checkpointed cache's coordinator comes back after a crash: its arguments are
-            # still its state (no reshard, no replicas to promote), the checkpoint store
-            # and the shards' journals hold the rest. Calls in flight are sent again.
+        if checkpoints is not None:
+            # A checkpointed cache's coordinator comes back after a crash (it cannot
+            # reshard, so its arguments are still its slot table): the checkpoint store,
+            # the shards' journals and, with replicas, its routing file hold the rest.
+            # Calls in flight are sent again.
             coord_opts.update(max_restarts=-1, max_task_retries=-1)
         # What it needs to start shards itself (backups, a reshard's new shards).
         making = {"connectors": connectors, "options": options, "secret": secret,
                   "actor_options": {**actor_opts, **(shard_options or {})},
-                  "same_node": placement == "pack", "replicas": replicas}
+                  "same_node": placement == "pack", "replicas": replicas,
+                  "restartable": checkpoints is not None}
         if checkpoints is not None:
             making.update(checkpoint_store=checkpoints.get("store"),
                           checkpoint_every_s=checkpoints.get("every_s"),

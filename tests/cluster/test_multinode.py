@@ -142,3 +142,28 @@ def test_resharding_on_three_nodes_loses_nothing_and_stays_linearizable(ray_sess
     assert not out["history_errors"], out["history_errors"]
     assert min(out["spans"]) >= 50, out["spans"]
     assert out["history_ok"], out["explain"]
+
+
+COORDINATOR = os.path.join(os.path.dirname(SCENARIO), "coordinator_restart_scenario.py")
+
+
+def test_a_checkpointed_cache_with_replicas_survives_its_coordinator_s_sigkill(ray_session):
+    # The coordinator of a checkpointed cache with replicas is SIGKILLed twice: once while
+    # counters are bumped, once after it promoted a backup over a lost node (see the
+    # scenario's docstring). Nothing acknowledged is lost or refused, the backups it had
+    # placed outlive it, its successor routes to the promoted primary, a restore gives the
+    # last checkpoint's counts, and a driver that exits without a shutdown leaves no actor.
+    out = scenario(COORDINATOR)
+    assert out["coordinator_restarted"] and out["bumps_across_first_kill"] >= 300
+    assert out["backups_survived"] == [True, True, True]
+    assert out["gone"] and out["promoted"]
+    assert out["routes_avoid_victim"] and out["failovers_kept"] >= 1
+    assert out["backed_up_again"], out["after_second_kill"]  # on the two nodes left
+    assert out["errors"] == []
+    assert out["checkpoint_ids"] == [0, 1] and out["restored_id"] == 1
+    assert out["cache_after_restore"] == out["model"] and sum(out["model"]) > 500
+    assert out["stored"] == out["model"]
+    assert out["left_after_shutdown"] == []
+    assert out["orphan_driver"][0] == 0, out["orphan_driver"]
+    assert out["orphan_driver"][1].endswith("2")  # it had two backups
+    assert out["orphan_left"] == []
