@@ -560,12 +560,12 @@ class Coordinator:
     # -- resharding -------------------------------------------------------------------------
     def reshard(self, num_shards: int) -> dict[str, Any]:
         """Move slot ranges so that ``num_shards`` shards serve the cache (see
-        ``Cache.reshard``): start the shards a grow adds (owning nothing yet), have every
-        shard that loses slots give them away (each flushes them first), give them to
-        their new owners, publish the new table (clients waiting in ``spec_at`` get it),
-        then close the shards a shrink retires. If a shard cannot give its slots away (a
-        store is down, the shard is gone), the ones that did take theirs back, the new
-        shards go, and this raises: the cache stays as it was."""
+        ``Cache.reshard``): start the shards a grow adds (owning nothing yet), hand every
+        moving slot with its pending state from its old owner to its new one
+        (``_hand_over``), publish the new table (clients waiting in ``spec_at`` get it),
+        then retire the shards a shrink leaves without slots. If a shard cannot hand its
+        slots over before any old owner finished, the handoff is cancelled, the new shards
+        go, and this raises: the cache stays as it was."""
         from .pool import slot_table  # the client's table: one definition
 
         if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:

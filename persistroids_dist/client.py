@@ -546,13 +546,14 @@ class Cache:
     # -- control ----------------------------------------------------------------------------
     def reshard(self, num_shards: int) -> dict[str, Any]:
         """Grow or shrink the cache to ``num_shards`` shards while it runs, by moving slot
-        ranges (keys never rehash). Each shard that gives slots away flushes them first, so
-        their new owner starts with them stored; clients keep working: a request routed by
-        the old table is refused unapplied, and the client takes the new table and sends it
-        again (this process's pipelined writes keep their order). Needs the journal. If a
-        store is down (a shard cannot flush what it gives away), nothing moves and this
-        raises. Held exclusive leases on moving keys are recalled first. Returns
-        ``{"epoch", "num_shards", "moved_slots"}``."""
+        ranges (keys never rehash). Each moving key goes with everything pending on it
+        (unwritten payloads, delete markers, TTLs, dead letters) and the leases held on it,
+        journaled at each step, so a reshard works while a store is down. Clients keep
+        working: a request routed by the old table is refused unapplied, and the client
+        takes the new table and sends it again (this process's pipelined writes keep their
+        order). Needs the journal and a shared store; refused for a checkpointed cache. If a
+        shard cannot hand its slots over (it is gone), nothing moves and this raises.
+        Returns ``{"epoch", "num_shards", "moved_slots", "handed_keys"}``."""
         out = control.reshard(self._pool.spec, num_shards)
         self._pool.refresh(out["epoch"], force=True)
         return out
