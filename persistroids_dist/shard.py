@@ -263,6 +263,11 @@ class ShardCore:
         self._dirty: set[bytes] = set()
         self._inflight: set[bytes] = set()  # keys whose payloads a running flush holds
         self._inflight_bytes = 0  # and their bytes, as counted in _pending_bytes
+        # The running flush's payloads (over all connectors) and how many of them a store
+        # took so far, a chunk at a time: what a client's progress bar reads from metrics()
+        # (``flushing_unstored``). Two integers updated under the lock, once per chunk.
+        self._flush_payloads = 0
+        self._flush_stored = 0
         self._oldest_pending: float | None = None
         self._retry_at = 0.0
         self._backoff = 0.0
@@ -954,6 +959,7 @@ class ShardCore:
             failed_keys: set[bytes] = set()
             self._inflight = set(sealed.sizes)
             self._flushing = True
+            self._count_flush(sealed.payloads)
             self.c["flush_calls"] += 1
             try:
                 for conn, cid in zip(self.connectors, self._ids):
@@ -1201,6 +1207,7 @@ class ShardCore:
         self._inflight = dirty
         self._inflight_bytes = taken_bytes
         self._flushing = True
+        self._count_flush(snapshot)
         dead_before = self.c["dead_letters"]
         try:
             for conn, cid in zip(self.connectors, self._ids):
@@ -1257,6 +1264,11 @@ class ShardCore:
                 log.exception("shard %d: checkpoint handler failed", self.index)
         return flushed
 
+    def _count_flush(self, payloads: dict[str, dict[bytes, Any]]) -> None:
+        """A flush starts with ``payloads`` (per connector): reset its progress counters."""
+        self._flush_payloads = sum(len(p) for p in payloads.values())
+        self._flush_stored = 0
+
     def _back_off(self) -> None:
         """A flush failed: wait longer before the next timed one (doubling, 50 ms to 5 s).
         Jitter: shards that failed together do not retry in lockstep."""
@@ -1301,6 +1313,7 @@ class ShardCore:
             chunk: list[Any] = []
             try:
                 self._io(self._store_chunk, conn, payloads, part, chunk)
+                self._flush_stored += len(chunk)
                 continue
             except Exception as e:
                 err = e
@@ -1463,6 +1476,12 @@ class ShardCore:
             m["dead_letters_held"] = len(self._dead)
             m["flushing"] = self._flushing
             m["flushing_keys"] = len(self._inflight)
+            # Keys of the running flush no store has taken yet, estimated from its payloads
+            # (exact with one connector; a key goes to every connector): progress bars.
+            m["flushing_unstored"] = (
+                -(-len(self._inflight) * (self._flush_payloads - self._flush_stored)
+                  // self._flush_payloads)
+                if self._flushing and self._flush_payloads else 0)
             return m
 
     def contains(self, kb: bytes) -> bool:
