@@ -14,11 +14,12 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import IO, Any
 
 from ray import cloudpickle  # the serializer only: no Ray calls on the data path
 
 from . import control, protocol
+from . import progress as progress_bars
 from .checkpoints import CheckpointInfo, encode_state
 from .codec import NUM_SLOTS, decode_value, encode_key, encode_value, slot_of
 from .errors import (
@@ -564,25 +565,35 @@ class Cache:
         self._pool.sync()
         self._pool.leases.raise_errors()
 
-    def flush_now(self, *, checkpoint: Any = _NO_CHECKPOINT) -> Any:
+    def flush_now(self, *, checkpoint: Any = _NO_CHECKPOINT, progress: bool | None = None,
+                  _progress_file: IO[str] | None = None) -> Any:
         """Write every buffered write of every shard to the stores, then return.
 
         With ``checkpoint``, the checkpoint handler runs on that state after all shards
         flushed and its result is returned. Returns None when nothing was pending. Raises
         FlushError if a store failed (its payloads stay buffered).
+
+        ``progress``: a progress bar of the keys stored (tqdm). None: only on a terminal or
+        in a notebook, with tqdm installed, once the flush has taken 0.5 s; True: always
+        (ImportError without tqdm); False: never. See ``persistroids_dist.progress``.
         """
         if checkpoint is not _NO_CHECKPOINT and not self._spec.allow_pickle:
             raise self._refused("checkpoint=")
         if self._pool.spec.checkpointed:
             raise ValueError("this cache is checkpointed: writes reach the stores with "
                              "checkpoints; call cache.checkpoint(state)")
+        bar = progress_bars.Tracker(self._pool, "flush", progress_bars.unwritten, progress,
+                                    _progress_file)
         self.sync()
         blob = None if checkpoint is _NO_CHECKPOINT else cloudpickle.dumps(checkpoint)
         self._pool.leases.release_all()
-        return control.flush_all(self._spec, blob)
+        with bar:
+            return control.flush_all(self._spec, blob)
 
     # -- checkpoints (a cache made with checkpoints=True) -----------------------------------
-    def checkpoint(self, state: Any = None) -> CheckpointInfo:
+    def checkpoint(self, state: Any = None, *, wait_stored: bool | float = False,
+                   progress: bool | None = None,
+                   _progress_file: IO[str] | None = None) -> CheckpointInfo:
         """Take a checkpoint: a consistent cut across every shard, recorded with ``state``
         (anything msgpack encodes, such as the input offset a job would resume from).
 
@@ -594,11 +605,38 @@ class Cache:
         most). Complete once its manifest is recorded; the stores then get its writes in
         the background, oldest checkpoint first. Raises TypeError for a state msgpack
         cannot encode, and RuntimeError if it failed (nothing recorded; its writes go with
-        the next one)."""
+        the next one).
+
+        ``wait_stored``: once the checkpoint is complete, also wait until every shard has
+        stored its writes (and any older checkpoint's), True without a time limit, or at most
+        that many seconds (then TimeoutError; the checkpoint stays complete and the stores
+        still get its writes). The checkpoint itself is the same either way; a store that
+        refuses is retried by the shards meanwhile.
+
+        ``progress``: a bar of that storing (tqdm), as for ``flush_now``; so it needs
+        ``wait_stored`` (True without it is a ValueError). The cut itself takes milliseconds
+        and has no bar."""
+        if isinstance(wait_stored, bool):
+            timeout_s = None
+        elif isinstance(wait_stored, (int, float)) and wait_stored >= 0:
+            timeout_s = float(wait_stored)
+        else:
+            raise ValueError(f"wait_stored must be True, False or a number of seconds >= 0, "
+                             f"got {wait_stored!r}")
+        if progress and wait_stored is False:
+            raise ValueError("progress=True draws the storing of the checkpoint's writes: "
+                             "pass wait_stored=True as well (taking the checkpoint itself "
+                             "takes milliseconds)")
+        show = progress_bars.wanted(progress, _progress_file)  # ImportError before the cut
         blob = encode_state(state)
         self._checkpointed()
         self.sync()
-        return CheckpointInfo.from_manifest(control.checkpoint(self._pool.spec, blob))
+        info = CheckpointInfo.from_manifest(control.checkpoint(self._pool.spec, blob))
+        if wait_stored is not False:
+            progress_bars.wait_stored(self._pool, info.id, info.keys, timeout_s=timeout_s,
+                                      progress=progress if show else False,
+                                      file=_progress_file)
+        return info
 
     def last_checkpoint(self) -> CheckpointInfo | None:
         """The last complete checkpoint (its ``id`` and ``state``), or None."""
@@ -671,7 +709,8 @@ class Cache:
                                                          "checkpoint_metrics")
         return out
 
-    def shutdown(self, disconnect: bool = False, *, timeout_s: float | None = None
+    def shutdown(self, disconnect: bool = False, *, timeout_s: float | None = None,
+                 progress: bool | None = None, _progress_file: IO[str] | None = None
                  ) -> Metrics:
         """Flush everything, close the shards (and connectors if ``disconnect``), remove the
         actors and return the final metrics. If a store fails, raise ShutdownError (a
@@ -682,19 +721,25 @@ class Cache:
         then stop anyway: each shard that still holds unwritten keys keeps them in its
         journal, where the next ``init`` with this cache's name (and journal) replays them;
         the result's ``unwritten`` (total and per shard) says how many. A shard without a
-        journal never stops with unwritten keys: ShutdownError, as above."""
+        journal never stops with unwritten keys: ShutdownError, as above.
+
+        ``progress``: a bar of the keys the final flush stores, as for ``flush_now``."""
         if self._pool.closed:
             raise CacheClosedError(f"cache {self.name!r} was already shut down")
         if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(
                 timeout_s, (int, float)) or timeout_s < 0):
             raise ValueError(f"timeout_s must be a number of seconds >= 0 or None, got "
                              f"{timeout_s!r}")
+        bar = progress_bars.Tracker(self._pool, "shutdown", progress_bars.unwritten, progress,
+                                    _progress_file)
         self._pool.leases.wanted.clear()
         self._pool.leases.release_all()
         self.sync()
-        shards = control.shutdown_cache(self._spec, disconnect, timeout_s)
+        with bar:
+            out = aggregate(control.shutdown_cache(self._spec, disconnect, timeout_s))
+            bar.finish(out["total"].get("unwritten", 0))  # kept in journals, not stored
         self._pool.close()
-        return aggregate(shards)
+        return out
 
 
 def _check_ttl(ttl_s: Any) -> None:
