@@ -20,7 +20,7 @@ import msgpack
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .checkpoints import CheckpointStore, encode_state, manifest
+from .checkpoints import CheckpointStore, default_store, encode_state, manifest
 from .codec import NUM_SLOTS
 from .errors import PicklingRefusedError, ShardUnavailableError, ShutdownError
 from .host import ShardHost, _unpickle_checkpoint
@@ -815,11 +815,7 @@ class Coordinator:
             making = self._making or {}
             conn = making.get("checkpoint_store")
             if conn is None:
-                from .connectors.sqlite import SQLiteConnector
-
-                folder = making["options"]["journal"]
-                os.makedirs(folder, mode=0o700, exist_ok=True)
-                conn = SQLiteConnector(os.path.join(folder, "checkpoints.sqlite"))
+                conn = default_store(making["options"]["journal"])
             self._ckpt_store = CheckpointStore(conn, self._spec.name)
         return self._ckpt_store
 

@@ -21,7 +21,7 @@ import msgpack
 
 from .connector import BaseConnector, as_connector
 
-__all__ = ["CheckpointInfo", "CheckpointStore", "encode_state"]
+__all__ = ["CheckpointInfo", "CheckpointStore", "default_store", "encode_state"]
 
 #: How many manifests ``checkpoints()`` lists (the newest ones).
 KEEP = 100
@@ -104,6 +104,22 @@ class CheckpointStore:
             if self._connected:
                 self.conn.disconnect()
                 self._connected = False
+
+
+def default_store(folder: str) -> BaseConnector:
+    """The checkpoint store of a cache made without ``checkpoint_store``: a SQLite file,
+    ``checkpoints.sqlite`` in ``folder`` (the cache's journal folder), made if missing.
+
+    ``synchronous=FULL``: a manifest is on the disk when its commit returns. The shards
+    store the epoch right after it, so a manifest that a power loss took back while its
+    writes had reached the stores would let a restore read those writes from the stores and
+    a replay count them twice."""
+    import os
+
+    from .connectors.sqlite import SQLiteConnector
+
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    return SQLiteConnector(os.path.join(folder, "checkpoints.sqlite"), synchronous="FULL")
 
 
 def manifest(cid: int, state: bytes, counts: list[dict[str, Any]], started: float,

@@ -625,6 +625,9 @@ class ShardHost:
             timer.daemon = True
             timer.start()
         self.journal.commit()
+        # On the disk before the coordinator records the checkpoint: a power loss right
+        # after must not leave a recorded checkpoint whose writes were in the page cache.
+        self.journal.sync()
         return {**counts, "lease_wait_ms": round(waited_ms, 3)}
 
     def _resume(self, epoch: int) -> bool:
@@ -679,6 +682,8 @@ class ShardHost:
                 for e in [e for e in self.core._sealed if e > epoch]:
                     self.core.unseal(e)
         self.journal.commit()
+        if rollback:  # a job replays its input from here on: the rollback must hold
+            self.journal.sync()
         return {**self.core.staged_state(), "dropped": dropped}
 
     # -- control plane ----------------------------------------------------------------------

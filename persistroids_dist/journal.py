@@ -194,6 +194,28 @@ class Journal:
             except ConnectionError as e:
                 self._mirror_lost(mirror, e)
 
+    def sync(self) -> bool:
+        """Make every record appended so far durable now (the disk, not just the kernel),
+        whatever the fsync mode except "off": the open segment, every closed segment not
+        synced yet, and the folder (a new segment's name). For the rare records a commit
+        point elsewhere depends on (a checkpoint's seal: its manifest is written next, and
+        a power loss must not leave a recorded checkpoint without its writes). Returns
+        whether it synced (False under "off")."""
+        with self._lock:
+            self._write_buffer()
+            if self.fsync == "off" or self._closed:
+                return False
+            os.fsync(self._fd)
+            self._unsynced = False
+            upto = self._seg - 1
+        self.keep(upto)
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
     def _mirror_lost(self, mirror: Any, error: BaseException) -> None:
         """``mirror`` stopped answering: ask ``on_mirror_lost`` once (other commits waiting
         on the same link get its verdict), then go on without it, or raise."""
