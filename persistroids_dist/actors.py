@@ -874,8 +874,14 @@ class Coordinator:
                         ray.get(ref, timeout=60)
                     except Exception as e:  # gone since it sealed: its seal may be lost
                         error = error or e
-            if error is None:
                 pause_s = time.monotonic() - started
+            if error is None:  # each seal on the disk before the manifest (power loss)
+                for ref in [s.checkpoint_durable.remote(epoch) for s in shards]:
+                    try:
+                        ray.get(ref, timeout=120)
+                    except Exception as e:
+                        error = error or e
+            if error is None:
                 m = manifest(epoch, state, counts, started, pause_s)
                 try:
                     self._checkpoints().commit(m)

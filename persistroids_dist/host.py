@@ -625,10 +625,16 @@ class ShardHost:
             timer.daemon = True
             timer.start()
         self.journal.commit()
-        # On the disk before the coordinator records the checkpoint: a power loss right
-        # after must not leave a recorded checkpoint whose writes were in the page cache.
-        self.journal.sync()
         return {**counts, "lease_wait_ms": round(waited_ms, 3)}
+
+    def checkpoint_durable(self, epoch: int) -> bool:
+        """Put this shard's sealed epoch ``epoch`` on the disk (fsync). The coordinator
+        calls it after the writes resumed (a slow disk does not lengthen the pause) and
+        before it records the checkpoint: a power loss right after the manifest must not
+        leave a recorded checkpoint whose writes were only in the page cache. Whether it
+        synced (False with ``fsync="off"``)."""
+        self._check_checkpointed()
+        return self.journal.sync()
 
     def _resume(self, epoch: int) -> bool:
         if self._paused != epoch:

@@ -1,8 +1,9 @@
 """What a power loss could take from a checkpoint, checked where it is decided (a power loss
-itself cannot be staged here): a shard's sealed epoch is on the disk before ``checkpoint_seal``
-returns, so before the coordinator writes the manifest; a restore's rollback is on the disk
-before a job replays; the default checkpoint store commits with ``synchronous=FULL``. The
-fsync calls are observed (the real ones still run), on real files and a real shard host."""
+itself cannot be staged here): a shard puts its sealed epoch on the disk
+(``checkpoint_durable``, which the coordinator waits for before it writes the manifest); a
+restore's rollback is on the disk before a job replays; the default checkpoint store commits
+with ``synchronous=FULL``. The fsync calls are observed (the real ones still run), on real
+files and a real shard host."""
 
 from __future__ import annotations
 
@@ -59,21 +60,22 @@ def host(tmp_path, fsync: str = "interval") -> ShardHost:
                       "init_fn": lambda a: 0}, SECRET)
 
 
-def test_a_seal_is_on_the_disk_before_the_coordinator_hears_of_it(tmp_path, synced):
+def test_a_sealed_epoch_is_put_on_the_disk_before_the_manifest(tmp_path, synced):
     h = host(tmp_path)
     try:
         h.core.put("a", 1)
         h.core.put("b", 2)
-        del synced[:]
         counts = h.checkpoint_seal(0)
         assert counts["keys"] == 2
+        h.checkpoint_resume(0)  # writes go on before the disk is waited for
+        del synced[:]
+        assert h.checkpoint_durable(0) is True  # the coordinator's step before the manifest
         # Every segment the sealed writes and the SEAL record are in was fsynced.
         journals = {p for p in synced if p.endswith(".journal")}
         on_disk = {os.path.join(h.journal.directory, n)
                    for n in os.listdir(h.journal.directory) if n.endswith(".journal")}
         older = {p for p in on_disk if p != h.journal._path(h.journal.segment)}
         assert older and older <= journals, (older, journals)
-        h.checkpoint_resume(0)
         del synced[:]
         h.checkpoint_recover(0, rollback=True)  # a restore: durable before a replay
         assert any(p.endswith(".journal") for p in synced)
