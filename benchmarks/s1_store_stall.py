@@ -89,13 +89,20 @@ def s1_flush_stall(ctx: Ctx) -> None:
     look0, store0 = _lookups(cache)
     written = 1
     for r in rounds(ctx, n_rounds):
-        # Idle: the shard has nothing pending.
+        # Idle: the shard has nothing pending. As long as the last flush took (and at least
+        # n_idle reads): both sides meet this machine's own hiccups (another process's burst
+        # stalls a read for ms) for the same time, so the p99s compare the flush, not how
+        # many hiccups each window happened to catch (a 0.2 s idle window made the anchor
+        # swing 10x between runs).
+        idle_s = flush_s[-1] if flush_s else 0.5
+        before = len(idle)
         with no_gc():
-            for _ in range(n_idle):
+            end = pc() + idle_s
+            while pc() < end or len(idle) - before < n_idle:
                 t = pc_ns()
                 read(key)
                 idle.append((pc_ns() - t) / 1000)
-        lookups_read += n_idle
+        lookups_read += len(idle) - before
         # Busy: n distinct pending keys, flushed by one flush_now() in another thread.
         cache.write_many([(("s1", r, i), i) for i in range(n)])
         written += n
