@@ -143,10 +143,24 @@ class _ActorShardHost(ShardHost):
         """The backup stopped answering: the coordinator decides. If it already promoted
         the backup (it took this shard's node for dead), this shard must not acknowledge
         anything more; otherwise it goes on alone until the coordinator gives it a new
-        backup. If the coordinator cannot be asked, the shard refuses too: going on alone
-        might be going on beside a promoted backup."""
+        backup. If the coordinator cannot be asked, the shard refuses too (going on alone
+        might be going on beside a promoted backup), unless it is gone for good and Ray
+        still counts this shard's node alive: a backup is promoted only over a node Ray
+        reports dead (never alive again), and with no coordinator none can be promoted from
+        now on, so this shard goes on alone: it has no backup and no failover any more,
+        but every write is still acknowledged (its backups died with the coordinator
+        process that made them)."""
         try:
             alone = self._ask("backup_lost", self.index, self.actor_id)
+        except (ValueError, ray.exceptions.ActorDiedError) as e:  # gone, none restarting
+            if not self._node_alive():
+                raise ReplicaDeposedError(
+                    f"shard {self.index}: its backup stopped answering, its coordinator is "
+                    "gone and Ray reports this node dead") from e
+            log.error("shard %d: its backup stopped answering and the coordinator of cache "
+                      "%r is gone for good: going on without a backup (no failover from "
+                      "now on)", self.index, self._cache_name)
+            alone = True
         except Exception as e:
             raise ReplicaDeposedError(f"shard {self.index}: its backup stopped answering "
                                       f"and the coordinator could not be asked ({e})") from e
@@ -155,6 +169,15 @@ class _ActorShardHost(ShardHost):
             raise ReplicaDeposedError(f"shard {self.index}: deposed (its backup was "
                                       "promoted); clients move to the new primary")
         super()._mirror_lost(error)
+
+    def _node_alive(self) -> bool:
+        """Whether Ray's control store counts this shard's node alive (False if it cannot
+        be asked: the safe answer for a shard deciding whether to go on alone)."""
+        try:
+            return any(n.get("NodeID") == self.node_id and n.get("Alive")
+                       for n in ray.nodes())
+        except Exception:
+            return False
 
     def _retire_server(self) -> None:
         self.role = "retired"

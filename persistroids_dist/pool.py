@@ -186,7 +186,13 @@ class Pool:
         process's (a call to every shard would otherwise miss the shards it added)."""
         coordinator = self.spec.coordinator
         if coordinator is not None:
-            epoch = control.get(coordinator.epoch.remote())
+            try:
+                epoch = control.get(coordinator.epoch.remote())
+            except CacheClosedError:
+                # Its coordinator is gone for good (a crash of one Ray does not restart): no
+                # reshard can happen without it, so this table is current, and the shards,
+                # reached over their sockets, still answer.
+                return
             if epoch > self.epoch:
                 self.refresh(epoch)
 

@@ -15,6 +15,7 @@ import signal
 import time
 
 import pytest
+import ray
 
 import persistroids_dist as pd
 from persistroids_dist.connectors.sqlite import SQLiteConnector
@@ -128,3 +129,36 @@ def test_a_reshard_backs_up_the_shards_it_adds(backed, tmp_path):
     assert len(replicas(cache)) == 2
     assert cache.read_many(list(range(300))) == list(range(300))
     assert cache.update("n", lambda v: v + 1) == 3
+
+
+
+def test_without_its_coordinator_a_replicated_cache_goes_on_unreplicated(backed):
+    # A cache that is not checkpointed has a coordinator Ray does not restart, and the
+    # backups it started die with its process. Its primaries cannot be deposed any more
+    # (nothing is left to promote a backup, and Ray still counts their node alive), so
+    # they go on alone: every write is still acknowledged, none refused or lost.
+    cache = backed()
+    spec = cache._pool.spec
+    keys = [next(f"k{j}" for j in range(1000) if cache.shard_of(f"k{j}") == i)
+            for i in range(cache.num_shards)]
+    counts = dict.fromkeys(keys, 0)
+
+    def bump() -> bool:
+        for k in keys:  # a commit on every shard: where a primary notices its backup went
+            counts[k] += 1
+            assert cache.update(k, lambda v: v + 1) == counts[k]
+        return True
+    try:
+        for _ in range(50):
+            bump()
+        os.kill(ray.get(spec.coordinator.pid.remote()), signal.SIGKILL)
+        wait_for(lambda: bump() and not any(m["backed_up"]
+                                            for m in cache.metrics()["shards"]),
+                 timeout=60, why=lambda: cache.metrics()["shards"])
+        for _ in range(100):
+            bump()
+        assert cache.read_many(keys) == [counts[k] for k in keys]
+        assert all(m["role"] == "primary" for m in cache.metrics()["shards"])
+    finally:  # nothing can shut it down: its coordinator is gone
+        for actor in spec.shards:
+            ray.kill(actor, no_restart=True)
