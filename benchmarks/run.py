@@ -67,6 +67,7 @@ from benchmarks import (  # noqa: F401  (importing a case module registers its c
     j1_journal,
     k1_keys,
     n1_cross_node,
+    p1_checkpoint_pause,
     r1_replicas,
     s1_store_stall,
 )

@@ -159,6 +159,8 @@ def test_without_its_coordinator_a_replicated_cache_goes_on_unreplicated(backed)
             bump()
         assert cache.read_many(keys) == [counts[k] for k in keys]
         assert all(m["role"] == "primary" for m in cache.metrics()["shards"])
+        with pytest.raises(pd.CacheClosedError, match="coordinator"):
+            cache.flush_now()  # what needs the coordinator says so
     finally:  # nothing can shut it down: its coordinator is gone
         for actor in spec.shards:
             ray.kill(actor, no_restart=True)
