@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 import ray
+from polling import wait_for
 from sqlite_rows import stored
 from test_histories import zero
 from writers import BUMP
@@ -20,15 +21,6 @@ import persistroids_dist as pd
 from persistroids_dist.connectors.redis import RedisConnector
 from persistroids_dist.connectors.sqlite import SQLiteConnector
 from persistroids_dist.connectors.testing import PrivateRedis
-
-
-def wait_for(what, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = what()
-        if got or time.monotonic() > deadline:
-            return got
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from polling import wait_for
 from ray import cloudpickle
 
 import persistroids_dist as pd
@@ -173,12 +174,7 @@ class RecordingConnector(pd.BaseConnector):
 def poll(fn: Any, timeout_s: float = 20.0, interval_s: float = 0.02) -> Any:
     """Call ``fn`` until it returns something truthy or ``timeout_s`` passes; return the last
     result."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = fn()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(interval_s)
+    return wait_for(fn, timeout_s, interval_s)
 
 
 def totals(metrics: dict[str, Any], *names: str) -> dict[str, Any]:

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 import ray
 from spread_scenario import report, three_nodes
@@ -40,6 +39,7 @@ from persistroids_dist.connectors.sqlite import SQLiteConnector
 from persistroids_dist.spec import NAMESPACE
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import polling  # noqa: E402
 from sqlite_rows import stored  # noqa: E402
 
 BUMP = functools.partial(operator.add, 1)
@@ -55,12 +55,7 @@ def coordinator_pid(cache: pd.Cache) -> int:
 
 
 def wait_for(what, timeout: float = 90.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = what()
-        if got or time.monotonic() > deadline:
-            return got
-        time.sleep(0.25)
+    return polling.wait_for(what, timeout, every=0.25)
 
 
 class Bumper:
