@@ -31,7 +31,7 @@ __all__ = ["Coordinator", "ShardActor", "wait_ready"]
 
 log = logging.getLogger("persistroids_dist.actors")
 
-_SWITCH_INTERVAL_S = 0.0001  # see _ActorShardHost.__init__
+_SWITCH_INTERVAL_S = 0.00002  # see _ActorShardHost.__init__
 
 
 class _ActorShardHost(ShardHost):
@@ -46,10 +46,13 @@ class _ActorShardHost(ShardHost):
         # This process is the shard's alone. While its store thread runs Python (a flush
         # formats ~100k rows for the store), a socket thread that wants the GIL back to
         # answer a read waits up to the switch interval for it, at each hand-off: 5 ms by
-        # default, which made most reads during a flush take 5-6 ms. 0.1 ms bounds that
-        # wait at a fiftieth (the interval only matters while two threads want the GIL, so
-        # an idle or single-threaded shard pays nothing): raw p99 of reads during a 100k-row
-        # flush went from ~700 us at 0.5 ms to ~450 us, counter updates unchanged (B5).
+        # default, which made most reads during a flush take 5-6 ms. A read hands the GIL
+        # over several times (each socket call releases it), so the wait adds up: 20 us
+        # (the interval only matters while two threads want the GIL, so an idle or
+        # single-threaded shard pays nothing). Raw p99 of reads during a 100k-row flush:
+        # ~700 us at 0.5 ms, 460-550 us at 0.1 ms, 340-410 us at 20 us (8 runs, A/B in one
+        # hour); 5 us was no better; flush time, counter updates (B5) and journaled writes
+        # (J1) unchanged within noise.
         sys.setswitchinterval(_SWITCH_INTERVAL_S)
         ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()
