@@ -309,7 +309,9 @@ class Journal:
 
     def keep(self, upto: int) -> None:
         """A flush failed: the segments up to ``upto`` stay, so make them durable."""
-        for seg in sorted(s for s in self._unsynced_segments if s <= upto):
+        with self._lock:  # a rotation on another thread adds to the set
+            segments = sorted(s for s in self._unsynced_segments if s <= upto)
+        for seg in segments:
             try:
                 fd = os.open(self._path(seg), os.O_RDONLY)
                 try:
