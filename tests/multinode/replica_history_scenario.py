@@ -29,6 +29,12 @@ from test_reshard import history_worker
 import persistroids_dist as pd
 
 
+def served(cache: pd.Cache, shards: set[int]) -> int:
+    """Reads, writes and updates the ``shards`` served so far, by their own counters."""
+    ms = cache.metrics()["shards"]
+    return sum(ms[s]["lookup"] + ms[s]["write"] + ms[s]["updates"] for s in shards)
+
+
 def main() -> int:
     journal = tempfile.mkdtemp(prefix="persistroids-rhist-")
     try:
@@ -52,16 +58,22 @@ def main() -> int:
             time.sleep(0.1)  # early in the run
             lost_at = time.monotonic()
             gone = lose(cluster, by_id[victim], cache, journal)
-            # Until the lost shard's keys answer again (the promoted backup), and on a while.
+            # Until the lost shard's keys answer again (the promoted backup), and until the
+            # promoted primaries served 500 more ops (their own counters): a fixed second
+            # after the failover gave a slow run too few ops on them (67 once).
             while cache.replicas()[0]["failovers"] < 1:
                 time.sleep(0.05)
-            time.sleep(1.0)
+            lost_shards = {r["shard"] for r in before if r["primary_node"] == victim}
+            served_at = served(cache, lost_shards)
+            deadline = time.monotonic() + 120
+            while served(cache, lost_shards) < served_at + 500 and \
+                    time.monotonic() < deadline:
+                time.sleep(0.1)
             cache.write(("stop", tag), 1, wait=True)
             results = ray.get(refs, timeout=300)
             history = [op for ops, _ in results for op in ops]
             # Ops before the loss, and ops on the lost shard's keys answered after it (by
             # the promoted backup): the loss happened mid-run, and the history covers it.
-            lost_shards = {r["shard"] for r in before if r["primary_node"] == victim}
             before_loss = sum(op.call < lost_at for op in history)
             after_loss = sum(op.call > lost_at and cache.shard_of(op.key) in lost_shards
                              for op in history)
