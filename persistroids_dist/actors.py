@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 import threading
@@ -196,6 +197,7 @@ class _ActorShardHost(ShardHost):
                                       "promoted")
         self._backup.stop()
         self._backup = None
+        self._remove_sock_dir()
         options = {**self._args[2], "journal_path": self._backup_dir}
         self.role = "primary"
         self._serve(options)
@@ -214,9 +216,15 @@ class _ActorShardHost(ShardHost):
         deletes a backup's copy of the journal (everything in it is stored)."""
         if self.role == "backup" and self._backup is not None:
             self._backup.stop(remove=remove)
+            self._remove_sock_dir()
         elif self.role == "primary":
             self._retire_server()
         self.role = "retired"
+
+    def _remove_sock_dir(self) -> None:
+        # The backup's socket folder (a primary's is its ShardHost's, removed by close):
+        # without this, every backup retired or promoted left an empty folder in /tmp.
+        shutil.rmtree(self._sock_dir, ignore_errors=True)
 
     def address(self) -> dict[str, Any]:
         if self.role != "primary":
