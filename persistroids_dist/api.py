@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import control
-from .client import Cache
+from .client import Cache, _check_ttl
 from .connector import Connector
 from .control import ensure_ray
 from .errors import CacheNotFoundError
@@ -196,9 +196,8 @@ def init(
         raise ValueError(f"max_bytes must be a positive int or None, got {max_bytes!r}")
     if name is not None and (not isinstance(name, str) or not name or ":" in name):
         raise ValueError(f"name must be a non-empty string without ':', got {name!r}")
-    if ttl_s is not None and (isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float))
-                              or not ttl_s > 0):
-        raise ValueError(f"ttl_s must be a number of seconds > 0 or None, got {ttl_s!r}")
+    if ttl_s is not None:
+        _check_ttl(ttl_s)
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 0:
         raise ValueError(f"max_attempts must be an int >= 0 (0: never give up), got "
                          f"{max_attempts!r}")

@@ -742,9 +742,11 @@ class Cache:
         return out
 
 
-def _check_ttl(ttl_s: Any) -> None:
+def _check_ttl(ttl_s: Any, who: str = "") -> None:
+    """ValueError unless ``ttl_s`` is a number of seconds > 0 (``who``: a prefix naming the
+    caller, for the message). None is the caller's to allow."""
     if isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float)) or not ttl_s > 0:
-        raise ValueError(f"ttl_s must be a number of seconds > 0 or None, got {ttl_s!r}")
+        raise ValueError(f"{who}ttl_s must be a number of seconds > 0 or None, got {ttl_s!r}")
 
 
 _TOTAL_SKIP = {"shard", "pid", "oldest_pending_ms", "last_errors", "journal_path"}

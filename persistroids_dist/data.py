@@ -44,7 +44,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from .client import Cache
+from .client import Cache, _check_ttl
 
 if TYPE_CHECKING:
     import numpy as np
@@ -325,10 +325,8 @@ class CacheWrite:
             value = tuple(value)
         if output not in ("batch", "count"):
             raise ValueError(f"{who}: output must be 'batch' or 'count', got {output!r}")
-        if ttl_s is not None and (isinstance(ttl_s, bool) or not isinstance(ttl_s, (int, float))
-                                  or not ttl_s > 0):
-            raise ValueError(f"{who}: ttl_s must be a number of seconds > 0 or None, got "
-                             f"{ttl_s!r}")
+        if ttl_s is not None:
+            _check_ttl(ttl_s, f"{who}: ")
         self.cache = cache
         self.value = value
         self.values = values
