@@ -2,6 +2,10 @@
 shard's store is slow (S1: a flush of 100k rows to PostgreSQL) or down (S2: a 10 s outage of a
 private PostgreSQL)? Each compares the same reads with themselves when the store is idle or up.
 
+S1's reads are measured twice, on caches of their own: with the flushes in the shard's flush
+process (init's default: the row with the target) and on its store thread
+(``flush_process=False``), so one run shows what the flush process changes.
+
 Every read here is a remote ``cache.read`` of a key its shard holds (no near cache: each call
 asks the shard, which the shards' ``lookup`` counters confirm), timed one call at a time by a
 reader that sends the next read as soon as the last one returned. Such a reader sends nothing
@@ -62,17 +66,19 @@ def _lookups(cache: pd.Cache) -> tuple[int, int]:
     return t["lookup"], t["read"]
 
 
-@case("S1")
-def s1_flush_stall(ctx: Ctx) -> None:
-    """Reads of a cached key while its shard flushes 100k rows to PostgreSQL, vs idle."""
+def _s1_run(ctx: Ctx, flush_process: bool) -> dict[str, Any]:
+    """S1's rounds on a cache of its own: idle and busy read latencies, flush durations and
+    failed checks. ``flush_process``: init's option of that name."""
     n = ctx.pick(100_000, 20_000)
     n_idle = ctx.pick(5_000, 2_000)
     n_rounds = ctx.pick(3, 2)
-    table = ctx.pg_table("s1")
+    suffix = "" if flush_process else "t"
+    table = ctx.pg_table("s1" + suffix)
     # One shard; thresholds out of reach, so only the explicit flush_now() flushes.
     cache = pd.init([PostgresConnector(ctx.pg_dsn, table=table)], num_shards=1,
                     writes_threshold=10 ** 9, millis_threshold=1e12, max_entries=4 * n + 10,
-                    name=f"bench-{ctx.tag}-s1", journal=os.path.join(ctx.tmpdir, "journal"))
+                    name=f"bench-{ctx.tag}-s1{suffix}", flush_process=flush_process,
+                    journal=os.path.join(ctx.tmpdir, "journal"))
     ctx.caches.append(cache)
     key = ("s1", "hot")
     cache.write(key, 4242, wait=True)
@@ -134,6 +140,11 @@ def s1_flush_stall(ctx: Ctx) -> None:
         flush_s.append(outcome.get("seconds", float("nan")))
         if "error" in outcome:
             checks.append(f"round {r}: flush_now raised {outcome['error']}")
+    # The flushes ran in the shard's flush process (init's default), or on its store thread.
+    flush_pids = cache.metrics()["shards"][0]["flush_pids"]
+    if any(flush_pids.values()) != flush_process:
+        checks.append(f"flush_process={flush_process}, but the flush processes are "
+                      f"{flush_pids}")
     look1, store1 = _lookups(cache)
     # Every timed read reached the shard (lookup) and none went to the store (read).
     if look1 - look0 != lookups_read or store1 != store0:
@@ -145,6 +156,22 @@ def s1_flush_stall(ctx: Ctx) -> None:
         rows = pg.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
     if rows != written:
         checks.append(f"table has {rows} rows, {written} written")
+    cache.shutdown()
+    ctx.caches.remove(cache)
+    return {"n": n, "idle": idle, "busy": busy, "flush_s": flush_s,
+            "busy_per_round": busy_per_round, "checks": checks}
+
+
+@case("S1")
+def s1_flush_stall(ctx: Ctx) -> None:
+    """Reads of a cached key while its shard flushes 100k rows to PostgreSQL, vs idle; the
+    same with the flushes on the shard's store thread (flush_process=False), for the
+    record."""
+    run = _s1_run(ctx, flush_process=True)
+    thread = _s1_run(ctx, flush_process=False)
+    n, idle, busy, flush_s, checks = (run[k] for k in ("n", "idle", "busy", "flush_s",
+                                                        "checks"))
+    busy_per_round = run["busy_per_round"]
 
     interval = pctl(idle, 50)  # the reader's pace when nothing stalls it
     i, b = _lat(idle, interval), _lat(busy, interval)
@@ -167,6 +194,19 @@ def s1_flush_stall(ctx: Ctx) -> None:
                         "same reads, shard idle max", i["max_us"] / 1000, b["max_us"] / 1000,
                         "ms", f"<= {S1_SLOW_US / 1000:.0f} ms", b["max_us"] <= S1_SLOW_US,
                         f"{common}; shard lookups checked{bad}"))
+    # The same flushes on the store thread, measured in its own rounds of this run.
+    t_idle, t_busy = _lat(thread["idle"], interval), _lat(thread["busy"], interval)
+    ctx.details["S1"]["store_thread"] = {
+        "idle": t_idle, "busy": t_busy, "flush_s": thread["flush_s"],
+        "checks_failed": thread["checks"]}
+    t_bad = "; CHECK FAILED: " + "; ".join(thread["checks"]) if thread["checks"] else ""
+    ctx.rows.append(Row("S1", "read p99 during the flush, flush process (us)",
+                        "the same, flushes on the store thread", t_busy["p99_co_us"],
+                        b["p99_co_us"], "us", "-", None,
+                        f"corrected p99s; store thread: raw p99 {t_busy['p99_us']:.0f} us, "
+                        f"{t_busy['samples']} reads, flush median "
+                        f"{med(thread['flush_s']):.2f} s, its own idle p99 "
+                        f"{t_idle['p99_co_us']:.0f} us{t_bad}"))
 
 
 @case("S2")

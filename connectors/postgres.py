@@ -111,6 +111,8 @@ class PostgresConnector(BaseConnector):
     ``create_table``: create the default-layout table if absent (not with ``key_columns``).
     """
 
+    flush_process_safe = True  # a server: a child process may flush (flushproc)
+
     def __init__(self, dsn: str | None = None, table: str = "persistroids_kv", *,
                  id: str | None = None, schema: str | None = None, pool_size: int = 2,
                  statement_timeout_ms: int = 30000, connect_timeout_s: float = 10.0,

@@ -59,6 +59,8 @@ class RedisConnector(BaseConnector):
     on a dropped connection (a flush is an idempotent transaction, so retrying is safe).
     """
 
+    flush_process_safe = True  # a server: a child process may flush (flushproc)
+
     def __init__(self, url: str | None = None, prefix: str = "persistroids:", *,
                  id: str | None = None, ttl_s: float | None = None, mode: str = "keys",
                  hash_name: str | None = None, key_format: str = "hex",

@@ -71,6 +71,12 @@ class SQLiteConnector(MsgpackRowsConnector):
         state["_db"] = None
         return state
 
+    @property
+    def flush_process_safe(self) -> bool:  # type: ignore[override]
+        """A database file can be flushed from a child process (WAL lets this shard read
+        meanwhile); an in-memory database lives in one connection only."""
+        return self.path != ":memory:" and "mode=memory" not in self.path
+
     def __repr__(self) -> str:
         return f"SQLiteConnector(path={self.path!r}, table={self.table!r}, id={self.id!r})"
 

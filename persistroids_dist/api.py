@@ -69,6 +69,7 @@ def init(
     max_pending_bytes: int | None = 512 * 2**20,
     backpressure_timeout_s: float = 30.0,
     store_timeout_s: float = 10.0,
+    flush_process: bool = True,
     shard_wait_s: float = 30.0,
     journal: str | os.PathLike[str] | bool = True,
     fsync: str = "interval",
@@ -114,6 +115,10 @@ def init(
     stores (queued behind a running flush, or a store that is down) before it raises
     StoreUnavailableError. Stores are never called under the lock that serves cached keys:
     those reads, writes and ``metrics()`` go on while a store is slow or down.
+    ``flush_process``: each shard stores its flushes through a child process of its own,
+    for every connector that allows it (``flush_process_safe``: PostgreSQL, Redis, SQLite
+    files), so a flush's CPU (building 100k rows) never holds the interpreter lock the
+    shard serves reads with. False: flushes run on the shard's store thread.
     ``shard_wait_s``: how long a call waits for a shard that Ray is restarting before it
     raises ShardUnavailableError.
     ``journal``: every shard appends each buffered write to a journal before acknowledging
@@ -219,6 +224,8 @@ def init(
     control.check_placement(placement)
     if not isinstance(tcp, bool):
         raise TypeError(f"tcp must be True or False, got {tcp!r}")
+    if not isinstance(flush_process, bool):
+        raise TypeError(f"flush_process must be True or False, got {flush_process!r}")
     if isinstance(replicas, bool) or replicas not in (0, 1):
         raise ValueError(f"replicas must be 0 or 1 (one backup per shard), got {replicas!r}")
     if replicas and journal is False:
@@ -270,7 +277,7 @@ def init(
                    max_attempts=max_attempts, max_pending=max_pending,
                    max_pending_bytes=max_pending_bytes,
                    backpressure_timeout_s=float(backpressure_timeout_s),
-                   store_timeout_s=float(store_timeout_s),
+                   store_timeout_s=float(store_timeout_s), flush_process=flush_process,
                    checkpoint_handler=checkpoint_handler,
                    allow_pickle=allow_pickle, functions=functions,
                    journal=journal_directory(journal, name), fsync=fsync, listen_tcp=tcp,

@@ -84,6 +84,13 @@ class BaseConnector:
     #: ``MemoryConnector``): what one shard flushed, no other can read. Resharding, which
     #: hands a slot to its new owner through the stores, refuses such a cache.
     process_local: bool = False
+    #: True for a store another process may flush while this instance reads: it keeps
+    #: nothing of the stored data in memory (a database, a server). The shard then stores
+    #: its flushes through a child process holding an instance of its own, unpickled from the
+    #: configuration the driver sent and connected there (``init(flush_process=...)``, see
+    #: ``flushproc``). A subclass that overrides ``flush`` (it may count, or keep state)
+    #: is not, unless it says so itself.
+    flush_process_safe: bool = False
     # Whether the fast path stands for this class's own read/read_many/write (set per
     # subclass by __init_subclass__; see ``reader``, ``encoded_reader``, ``writer``).
     _own_read_many = False
@@ -94,6 +101,8 @@ class BaseConnector:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         own = cls.__dict__
+        if "flush" in own and "flush_process_safe" not in own:
+            cls.flush_process_safe = False
         for fast, stands_for in _FAST_PATHS:
             if fast in own:
                 setattr(cls, f"_own_{fast}", True)

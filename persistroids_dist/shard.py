@@ -40,6 +40,7 @@ from .connector import (
     writer,
 )
 from .errors import FlushError, StoreDataError, StoreUnavailableError, WriteError
+from .flushproc import FlushProcess
 from .journal import (
     APPLIED,
     COMMITTED,
@@ -172,6 +173,8 @@ class ShardCore:
     ``background``: connectors on a store thread, flushes on a flusher thread (see the
     module's docstring); ``store_timeout_s``: how long a read that misses waits for the
     stores then (StoreUnavailableError after it). ``close()`` ends both threads.
+    ``flush_process`` (with ``background``): each connector that is ``flush_process_safe``
+    has its batches stored by a child process (``flushproc``), started at the first flush.
     """
 
     def __init__(
@@ -194,6 +197,7 @@ class ShardCore:
         background: bool = False,
         store_timeout_s: float = 10.0,
         staged: bool = False,
+        flush_process: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         ids = [c.get_id() for c in connectors]
@@ -289,6 +293,20 @@ class ShardCore:
         # thread (an async connector's connections belong to that thread's loop).
         self._store: StoreThread | None = (
             StoreThread(self._cond, f"persistroids-store-{index}") if background else None)
+        # Per connector (by id()), its flush process, if it has one: see flushproc.
+        self._flushers: dict[int, FlushProcess] = {}
+        if flush_process and background:
+            for given, conn in zip(connectors, self.connectors):
+                if self._flush_process_ok(conn):
+                    try:
+                        blob = pickle.dumps(given)
+                    except Exception as e:
+                        log.warning("shard %d: %s flushes in this process: it cannot be "
+                                    "pickled for a flush process (%r)", index,
+                                    conn.get_id(), e)
+                        continue
+                    self._flushers[id(conn)] = FlushProcess(
+                        blob, f"shard {index} {conn.get_id()}", conn.flush)
         for conn in self.connectors:
             try:
                 with self._lock:
@@ -1278,7 +1296,17 @@ class ShardCore:
 
     def _store_flush(self, conn: BaseConnector, payloads: list[Any]) -> None:
         self._connected(conn)
-        self._call(conn.flush, payloads)
+        self._call(self._flush_fn(conn), payloads)
+
+    def _flush_fn(self, conn: BaseConnector) -> Callable[[list[Any]], Any]:
+        """What stores a batch for ``conn``: its flush process, or its own ``flush``."""
+        proc = self._flushers.get(id(conn)) if self._flushers else None
+        return conn.flush if proc is None else proc.flush
+
+    @staticmethod
+    def _flush_process_ok(conn: BaseConnector) -> bool:
+        return bool(getattr(conn, "flush_process_safe", False)) and not getattr(
+            conn, "process_local", False)
 
     def _store_chunk(self, conn: BaseConnector, payloads: dict[bytes, Any], part: list[bytes],
                      chunk: list[Any]) -> None:
@@ -1393,7 +1421,7 @@ class ShardCore:
                     continue
                 for half in (part[:len(part) // 2], part[len(part) // 2:]):
                     try:
-                        self._io(self._call, conn.flush, [p for _, p in half])
+                        self._io(self._call, self._flush_fn(conn), [p for _, p in half])
                         stored = True
                     except Exception as e:
                         below.append((half, e))
@@ -1475,6 +1503,10 @@ class ShardCore:
             m["last_errors"] = dict(self.last_errors)
             m["dead_letters_held"] = len(self._dead)
             m["flushing"] = self._flushing
+            # Per connector flushed through a child process: its pid (None until the first
+            # flush starts it, or after it ended; a later flush starts another).
+            m["flush_pids"] = {conn.get_id(): self._flushers[id(conn)].pid
+                               for conn in self.connectors if id(conn) in self._flushers}
             m["flushing_keys"] = len(self._inflight)
             # Keys of the running flush no store has taken yet, estimated from its payloads
             # (exact with one connector; a key goes to every connector): progress bars.
@@ -1497,6 +1529,7 @@ class ShardCore:
                     self._io(self._call, conn.disconnect)
             if self._store is not None:
                 self._io(self._close_loop)
+                self._io(self._close_flushers)
                 self._store.stop()
                 # Closed: anything called later (a second close) runs its I/O right here.
                 self._store = None
@@ -1514,6 +1547,10 @@ class ShardCore:
                 self._store = None
             self._stop.set()
             self._wake.set()
+
+    def _close_flushers(self) -> None:
+        for proc in self._flushers.values():
+            proc.close()
 
     def _close_loop(self) -> None:
         loop = getattr(self._loops, "loop", None)
