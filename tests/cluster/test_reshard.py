@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import ray
 from linearizability import Recorder, check
+from polling import wait_for
 from test_histories import barrier, do_plain_op, final_reads, zero
 from writers import BUMP, Writers, lost
 
@@ -170,6 +171,19 @@ def history_worker(cache, worker, keys, seed, tag):
     return rec.ops, errors
 
 
+def served_ops(cache: pd.Cache) -> int:
+    """Reads, writes and updates the cache's shards served so far."""
+    t = cache.metrics()["total"]
+    return t["lookup"] + t["write"] + t["updates"]
+
+
+def wait_for_ops(cache: pd.Cache, n: int) -> None:
+    """Wait (at least 0.2 s, at most 120 s) until the shards served ``n`` more ops."""
+    start = served_ops(cache)
+    time.sleep(0.2)
+    wait_for(lambda: served_ops(cache) - start >= n, timeout=120, every=0.05)
+
+
 def histories_across(cache: pd.Cache, keys: list[str], tag: str, refs: list[Any],
                      action: Callable[[], Any]) -> tuple[list[Any], list[str], list[int]]:
     """Once the 4 ``history_worker``s (``refs``, started with ``tag``) all run, do
@@ -181,11 +195,13 @@ def histories_across(cache: pd.Cache, keys: list[str], tag: str, refs: list[Any]
         if time.monotonic() > deadline:
             raise TimeoutError("the history workers did not all start")
         time.sleep(0.01)
-    time.sleep(0.2)
+    # Before and after the action, the workers go on until the shards served 400 more ops
+    # (their counters), not for a fixed time: a slow run still gets a history on each side.
+    wait_for_ops(cache, 400)
     started = time.monotonic()
     action()
     ended = time.monotonic()
-    time.sleep(0.3)
+    wait_for_ops(cache, 400)
     cache.write(("stop", tag), 1, wait=True)
     results = ray.get(refs, timeout=300)
     history = [op for ops, _ in results for op in ops]
