@@ -106,7 +106,7 @@ def test_a_checkpoint_while_its_store_is_down_fails_cleanly_and_the_next_succeed
         ck_store = RedisConnector(server.url, prefix=f"{uuid.uuid4().hex[:6]}:")
         cache = checkpointed(checkpoint_store=ck_store)
         cache.write("a", 1)
-        cache.checkpoint("first")
+        cache.checkpoint("first", wait_stored=True)  # stored: what follows must not be
         cache.write("a", 2)
         cache.write("b", 2)
         server.stop()
