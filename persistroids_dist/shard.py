@@ -681,8 +681,13 @@ class ShardCore:
         n = 0
         errors: list[tuple[int, BaseException]] = []
         with self._lock:
+            if not isinstance(items, (list, tuple)):
+                items = list(items)
+            done = self._write_plain(items, errors) if self._plain_batch(len(items)) else 0
+            n = done - len(errors)
             write1 = self._write1
-            for i, item in enumerate(items):
+            for i in range(done, len(items)):
+                item = items[i]
                 try:
                     if len(item) == 3:
                         write1(item[0], item[1], item[2])
@@ -697,6 +702,72 @@ class ShardCore:
         if errors:
             raise WriteError(self.index, n, errors)
         return n
+
+    def _plain_batch(self, size: int) -> bool:
+        """Whether ``size`` writes can skip what ``_write1`` checks per write: nothing in the
+        shard has a time to live, no store read or refused payload is about any key, and the
+        partition has room for all of them (no eviction)."""
+        return (self.ttl_s is None and not self._expires and not self._loading
+                and not self._dead and not self._attempts and self.max_bytes is None
+                and len(self._entries) + size <= self.max_entries)
+
+    def _write_plain(self, items: Sequence[Sequence[Any]],
+                     errors: list[tuple[int, BaseException]]) -> int:
+        """``_write1`` for each of ``items`` while they have no time to live, under the
+        conditions of ``_plain_batch``: the same records, buffer and cache entries, without
+        its per-write calls and checks (they were ~60% of a ``write_many``'s shard CPU).
+        Returns how many items it went through (refused ones, added to ``errors``,
+        included); the caller applies the rest with ``_write1``."""
+        entries, pending, dirty, sizes = (self._entries, self._pending, self._dirty,
+                                          self._pending_sizes)
+        absent, journal = self._absent, self.journal
+        writers = self._writers
+        one, write0 = len(writers) == 1, writers[0] if writers else None
+        buffers = [pending[cid] for cid in self._ids]
+        added = 0  # bytes
+        written = 0
+        i = -1
+        for i, item in enumerate(items):
+            if len(item) != 3:
+                i -= 1  # a time to live: _write1 from here on
+                break
+            kb, ab, vb = item
+            if ab is None:
+                ab = kb
+            try:  # every connector's payload first: one that raises leaves nothing buffered
+                payloads = [write0(ab, vb)] if one else [write(ab, vb) for write in writers]
+            except Exception as e:
+                self.c["write_errors"] += 1
+                errors.append((i, e))
+                continue
+            written += 1
+            buffered = False
+            for buffer, payload in zip(buffers, payloads):
+                if payload is not None:
+                    buffer[kb] = payload
+                    buffered = True
+            if buffered:
+                if self._oldest_pending is None:
+                    self._oldest_pending = self._clock()
+                dirty.add(kb)
+                size = len(kb) + len(vb)
+                added += size - sizes.get(kb, 0)
+                sizes[kb] = size
+                if journal is not None:
+                    journal.append([WRITE, kb, ab, vb, None])
+            old = entries.get(kb)
+            if old is not None:
+                self._bytes -= len(old)
+                entries.move_to_end(kb)
+            else:
+                self._bytes += len(kb)
+            entries[kb] = vb
+            self._bytes += len(vb)
+            if absent:
+                absent.discard(kb)
+        self._pending_bytes += added
+        self.c["write"] += written
+        return i + 1
 
     def update(self, kb: bytes, ab: bytes | None, fn: Callable[[Any], Any],
                guard: Callable[[], Any] | None = None) -> bytes:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from persistroids_dist import BaseConnector, FlushError
-from persistroids_dist.codec import decode_value, encode_key
+from persistroids_dist.codec import decode_value, encode_key, encode_value
 from persistroids_dist.shard import ShardCore
 
 KEYS = st.sampled_from(["a", "b", "c", "d", "e", "f", "g"])
@@ -100,6 +100,18 @@ class ShardMachine(RuleBasedStateMachine):
         self.model[key] = value
         self._after_insert()
 
+    @rule(pairs=st.lists(st.tuples(KEYS, VALUES), max_size=4))
+    def write_batch(self, pairs: list[tuple[str, Any]]) -> None:
+        # write_many: small batches take its batch path (while the partition has room for
+        # all of them), larger ones the per-write path; both must leave the same state.
+        self.store.busy_key = None
+        items = [(encode_key(k), None, encode_value(v)) for k, v in pairs]
+        for k, v in pairs:  # first: a write racing the flush this batch may start comes after
+            self.model[k] = v
+        assert self.core.write_many(items) == len(pairs)
+        if pairs:
+            self._after_insert()
+
     @rule(key=KEYS)
     def read(self, key: str) -> None:
         self.store.busy_key = key
@@ -167,6 +179,13 @@ class ShardMachine(RuleBasedStateMachine):
     def bounded_when_healthy(self) -> None:
         if not self.store.failing and not self.may_exceed:
             assert self.core.metrics()["entries"] <= MAX_ENTRIES
+
+    @invariant()
+    def byte_counts_match_what_is_held(self) -> None:
+        core = self.core
+        assert core._bytes == sum(len(k) + len(v) for k, v in core._entries.items())
+        assert core._pending_bytes == sum(core._pending_sizes.values())
+        assert set(core._pending_sizes) >= core._dirty
 
     @invariant()
     def pending_never_exceeds_the_keys_written(self) -> None:
