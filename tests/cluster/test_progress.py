@@ -75,8 +75,8 @@ def test_the_bar_follows_the_shards_while_they_store(make_cache, tmp_path):
     assert cache.flush_now(progress=None, _progress_file=out) == 25_000
     drawn = counts(out.getvalue(), 25_000)
     assert drawn[-1] == 25_000
-    # It appeared only after the delay, then moved with the chunks the store took.
-    assert 0 not in drawn, out.getvalue()
+    # It moved with the chunks the store took. (When it appears, after 0.5 s, is tested
+    # Ray-free; here a loaded machine may not have stored the first chunk by then.)
     assert any(0 < n < 25_000 for n in drawn), out.getvalue()
     assert drawn == sorted(drawn)
     assert len(stored(db)) == 25_000

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 import types
 
 import pytest
@@ -202,15 +203,22 @@ def test_the_child_dies_with_a_shard_process_killed_by_sigkill(tmp_path):
         core.put("a", 1)
         core.flush()
         print(core.metrics()["flush_pids"]["sqlite:kv"], flush=True)
+        sys.stdin.readline()  # the test holds SQLite's write lock now
         core.put("b", 2)
+        print("flushing", flush=True)
         core.flush()  # blocked on the test's lock until this process is killed
     """)
     lock = sqlite3.connect(tmp_path / "s.db", isolation_level=None, timeout=30)
-    shard = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                             text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    shard = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(os.path.dirname(__file__)))
     try:
         child = int(shard.stdout.readline())
         lock.execute("BEGIN IMMEDIATE")  # after the first flush: the second one waits
+        shard.stdin.write("go\n")
+        shard.stdin.flush()
+        assert shard.stdout.readline().strip() == "flushing"
+        time.sleep(0.3)  # most likely in the child's flush by now; if not, still no commit
         assert alive(child)
         shard.send_signal(signal.SIGKILL)
         shard.wait(10)
