@@ -713,7 +713,8 @@ class Cache:
                  progress: bool | None = None, _progress_file: IO[str] | None = None
                  ) -> Metrics:
         """Flush everything, close the shards (and connectors if ``disconnect``), remove the
-        actors and return the final metrics. If a store fails, raise ShutdownError (a
+        actors (their names are free once it returns: an ``init`` of the same name may
+        follow at once) and return the final metrics. If a store fails, raise ShutdownError (a
         FlushError) and keep everything running so no write is lost; call again once the
         store is back.
 

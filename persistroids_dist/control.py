@@ -448,4 +448,21 @@ def shutdown_cache(spec: CacheSpec, disconnect: bool, timeout_s: float | None = 
     (``timeout_s``: see ``Coordinator.shutdown``)."""
     shards = get(spec.coordinator.shutdown.remote(disconnect, timeout_s))
     ray.kill(spec.coordinator)
+    _wait_names_released(spec.name)
     return shards
+
+
+def _wait_names_released(name: str, timeout: float = 30.0) -> None:
+    """Wait until Ray has released the actor names of cache ``name`` (its coordinator,
+    shards and backups). ``ray.kill`` returns before the names are free, and an ``init``
+    of the same name right after a shutdown (a notebook cell run again) must not find the
+    dying coordinator and refuse as "already running". Gives up quietly after ``timeout``."""
+    own = coordinator_name(name)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if isinstance(a, dict) and a.get("namespace") == NAMESPACE
+                and (a["name"] == own or a["name"].startswith(own + ":"))]
+        if not left:
+            return
+        time.sleep(0.02)
