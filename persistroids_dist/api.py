@@ -115,10 +115,11 @@ def init(
     stores (queued behind a running flush, or a store that is down) before it raises
     StoreUnavailableError. Stores are never called under the lock that serves cached keys:
     those reads, writes and ``metrics()`` go on while a store is slow or down.
-    ``flush_process``: each shard stores its flushes through a child process of its own,
-    for every connector that allows it (``flush_process_safe``: PostgreSQL, Redis, SQLite
-    files), so a flush's CPU (building 100k rows) never holds the interpreter lock the
-    shard serves reads with. False: flushes run on the shard's store thread.
+    ``flush_process``: each shard stores its flushes of 1,000 payloads or more through a
+    child process of its own, for every connector that allows it (``flush_process_safe``:
+    PostgreSQL, Redis, SQLite files), so a flush's CPU (building 100k rows) never holds the
+    interpreter lock the shard serves reads with. False: flushes run on the shard's store
+    thread.
     ``shard_wait_s``: how long a call waits for a shard that Ray is restarting before it
     raises ShardUnavailableError.
     ``journal``: every shard appends each buffered write to a journal before acknowledging

@@ -174,7 +174,8 @@ class ShardCore:
     module's docstring); ``store_timeout_s``: how long a read that misses waits for the
     stores then (StoreUnavailableError after it). ``close()`` ends both threads.
     ``flush_process`` (with ``background``): each connector that is ``flush_process_safe``
-    has its batches stored by a child process (``flushproc``), started at the first flush.
+    has its batches of ``flush_process_min`` payloads or more stored by a child process
+    (``flushproc``), started at the first such batch.
     """
 
     def __init__(
@@ -198,6 +199,7 @@ class ShardCore:
         store_timeout_s: float = 10.0,
         staged: bool = False,
         flush_process: bool = True,
+        flush_process_min: int = 1000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         ids = [c.get_id() for c in connectors]
@@ -295,6 +297,7 @@ class ShardCore:
             StoreThread(self._cond, f"persistroids-store-{index}") if background else None)
         # Per connector (by id()), its flush process, if it has one: see flushproc.
         self._flushers: dict[int, FlushProcess] = {}
+        self.flush_process_min = flush_process_min
         if flush_process and background:
             for given, conn in zip(connectors, self.connectors):
                 if self._flush_process_ok(conn):
@@ -1367,12 +1370,15 @@ class ShardCore:
 
     def _store_flush(self, conn: BaseConnector, payloads: list[Any]) -> None:
         self._connected(conn)
-        self._call(self._flush_fn(conn), payloads)
+        self._call(self._flush_fn(conn, len(payloads)), payloads)
 
-    def _flush_fn(self, conn: BaseConnector) -> Callable[[list[Any]], Any]:
-        """What stores a batch for ``conn``: its flush process, or its own ``flush``."""
+    def _flush_fn(self, conn: BaseConnector, n: int) -> Callable[[list[Any]], Any]:
+        """What stores a batch of ``n`` payloads for ``conn``: its flush process, or its own
+        ``flush`` (no process, or a small batch: a few ms of CPU that stalls no read, and a
+        cache that only ever flushes a little never starts a child). The two take turns on
+        the store thread, so batches still reach the store one at a time, in order."""
         proc = self._flushers.get(id(conn)) if self._flushers else None
-        return conn.flush if proc is None else proc.flush
+        return conn.flush if proc is None or n < self.flush_process_min else proc.flush
 
     @staticmethod
     def _flush_process_ok(conn: BaseConnector) -> bool:
@@ -1492,7 +1498,8 @@ class ShardCore:
                     continue
                 for half in (part[:len(part) // 2], part[len(part) // 2:]):
                     try:
-                        self._io(self._call, self._flush_fn(conn), [p for _, p in half])
+                        self._io(self._call, self._flush_fn(conn, len(half)),
+                                 [p for _, p in half])
                         stored = True
                     except Exception as e:
                         below.append((half, e))

@@ -27,7 +27,7 @@ def test_shards_flush_through_children_that_die_with_them(make_cache, tmp_path):
     db = tmp_path / "s.db"
     cache = make_cache([SQLiteConnector(db)], num_shards=2, writes_threshold=10**9,
                        millis_threshold=600_000)
-    acked = {("k", i): i for i in range(2000)}
+    acked = {("k", i): i for i in range(5000)}  # ~2,500 a shard: batches for the child
     cache.write_many(list(acked.items()))
     cache.flush_now()
     shards = cache.metrics()["shards"]
@@ -37,7 +37,7 @@ def test_shards_flush_through_children_that_die_with_them(make_cache, tmp_path):
     assert stored(db) == acked
 
     old = shards[0]["pid"]
-    more = {("m", i): -i for i in range(500)}
+    more = {("m", i): -i for i in range(4000)}  # ~2,000 on the killed shard
     cache.write_many(list(more.items()))
     cache.sync()  # acknowledged: journaled, not flushed
     os.kill(old, signal.SIGKILL)

@@ -30,6 +30,7 @@ POISON = "x" * 200  # longer than the CHECK below allows
 def core_of(*connectors, **kw) -> ShardCore:
     kw.setdefault("writes_threshold", 10**9)
     kw.setdefault("millis_threshold", 1e9)
+    kw.setdefault("flush_process_min", 1)  # every batch through the child
     return ShardCore(list(connectors), background=True, **kw)
 
 
@@ -61,6 +62,23 @@ def test_a_flush_is_stored_by_a_child_process_that_ends_with_the_shard(tmp_path)
     core.close()
     assert core.metrics()["flush_pids"] == {"sqlite:kv": None}
     assert not alive(pid)
+
+
+def test_small_batches_are_stored_in_the_shard_and_large_ones_by_the_child(tmp_path):
+    db = tmp_path / "s.db"
+    core = core_of(SQLiteConnector(db), flush_process_min=1000)
+    for i in range(999):
+        core.put(("small", i), i)
+    core.flush()
+    assert core.metrics()["flush_pids"] == {"sqlite:kv": None}  # no child for 999
+    for i in range(1000):
+        core.put(("large", i), i)
+    core.flush()
+    assert core.metrics()["flush_pids"]["sqlite:kv"] is not None
+    core.put(("small", 0), "again")  # in the shard again, after the child's batch
+    core.flush()
+    assert len(stored(db)) == 1999 and stored(db)[("small", 0)] == "again"
+    core.close()
 
 
 def test_which_connectors_get_a_flush_process(tmp_path):
@@ -199,7 +217,8 @@ def test_the_child_dies_with_a_shard_process_killed_by_sigkill(tmp_path):
         from persistroids_dist.connectors.sqlite import SQLiteConnector
         from persistroids_dist.shard import ShardCore
         core = ShardCore([SQLiteConnector({str(tmp_path / "s.db")!r}, busy_timeout_ms=60000)],
-                         background=True, writes_threshold=10**9, millis_threshold=1e9)
+                         background=True, writes_threshold=10**9, millis_threshold=1e9,
+                         flush_process_min=1)
         core.put("a", 1)
         core.flush()
         print(core.metrics()["flush_pids"]["sqlite:kv"], flush=True)

@@ -141,3 +141,26 @@ def test_small_flushes_share_a_segment_and_replaying_it_gives_the_same_state(tmp
     probe = core_over(tmp_path, None)
     assert decode_value(probe.read(kb("k"))) == 2
     assert decode_value(probe.read(kb("m"))) == "pending"
+
+
+def test_a_write_many_batch_is_journaled_as_its_writes_and_replays_the_same(tmp_path):
+    # write_many's batch path (no time to live, room in the partition) and its per-write
+    # path (from the first item with a time to live on) journal the same records.
+    j = Journal(str(tmp_path / "j"), fsync="off")
+    core = core_over(tmp_path, j)
+    core.write(kb("a"), None, encode_value("old"))
+    items = [(kb(f"k{i}"), None, encode_value(i)) for i in range(50)]
+    items += [(kb("a"), None, encode_value("new")), (kb("t"), None, encode_value("ttl"), 60.0),
+              (kb("z"), None, encode_value("after"))]
+    assert core.write_many(items) == 53
+    j.commit()
+    held = {k: core.read(k) for k in [kb(f"k{i}") for i in range(50)] + [kb("a"), kb("z")]}
+    j2 = Journal(str(tmp_path / "j"))
+    records = list(j2.recovered())
+    assert [r[1] for r in records] == [kb("a")] + [item[0] for item in items]
+    assert records[-2][4] == 60.0 and records[-1][4] is None
+    fresh = core_over(tmp_path, j2)
+    assert fresh.replay(iter(records)) == 54
+    assert {k: fresh.read(k) for k in held} == held
+    assert fresh.metrics()["pending"] == core.metrics()["pending"] == 53
+    assert fresh._pending_bytes == core._pending_bytes
