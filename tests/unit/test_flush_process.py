@@ -17,14 +17,13 @@ import types
 import pytest
 from polling import wait_for
 from sqlite_rows import stored
+from test_dead_letters import POISON, checked_store
 
 from persistroids_dist.connectors.memory import MemoryConnector
 from persistroids_dist.connectors.sqlite import SQLiteConnector
 from persistroids_dist.errors import FlushError
 from persistroids_dist.flushproc import FlushProcessUnreachable
 from persistroids_dist.shard import ShardCore
-
-POISON = "x" * 200  # longer than the CHECK below allows
 
 
 def core_of(*connectors, **kw) -> ShardCore:
@@ -161,11 +160,7 @@ def test_a_refused_row_is_singled_out_through_the_child(tmp_path):
     # The store's own error comes back through the pipe: the batch is split, the rest
     # stored, the poison row buried after max_attempts with the store's message.
     db = tmp_path / "s.db"
-    con = sqlite3.connect(db)
-    con.execute("CREATE TABLE kv (k BLOB PRIMARY KEY, v BLOB NOT NULL "
-                "CHECK (length(v) < 100)) WITHOUT ROWID")
-    con.close()
-    core = core_of(SQLiteConnector(db), max_attempts=2)
+    core = core_of(checked_store(db), max_attempts=2)
     for i in range(300):
         core.put(("k", i), POISON if i == 150 else i)
     with pytest.raises(FlushError, match="CHECK constraint failed") as info:
