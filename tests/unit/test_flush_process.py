@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import types
 
@@ -121,7 +122,6 @@ def test_a_child_killed_during_a_flush_loses_nothing(tmp_path):
         except BaseException as e:
             errors.append(e)
 
-    import threading
     t = threading.Thread(target=flush)
     t.start()
     assert wait_for(lambda: core.metrics()["flushing"])
