@@ -105,6 +105,9 @@ class FlushProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self.starts = 0
+        # Payloads the child holds and has not answered for yet (0 between flushes): a
+        # child that ends while this is non-zero failed that flush, not an idle one.
+        self.in_flight = 0
 
     @property
     def pid(self) -> int | None:
@@ -155,12 +158,15 @@ class FlushProcess:
                 for i in range(0, len(payloads), _SLICE):
                     _write_frame(out, ("part", payloads[i:i + _SLICE]))
                 _write_frame(out, ("flush",))
+                self.in_flight = len(payloads)
                 reply = _read_frame(proc.stdout.fileno())
             except (OSError, EOFError) as e:
                 self._end(proc)
                 raise FlushProcessUnreachable(
                     f"the flush process of {self.name} ended (exit code {proc.returncode}): "
                     f"{type(e).__name__}") from None
+            finally:
+                self.in_flight = 0
         if reply[0] == "ok":
             return
         _, exc, type_name, text, is_oserror = reply
