@@ -42,9 +42,19 @@ FAST_HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_thres
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, and none that Ray's head node takes by default for something else:
+    Linux hands out 52365, the dashboard agent's, as a free port too, and a GCS given it
+    fails the head's start ("used by other components"; seen once in CI)."""
+    from ray._private import ray_constants
+
+    taken_by_ray = {ray_constants.DEFAULT_PORT, ray_constants.DEFAULT_DASHBOARD_PORT,
+                    ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT}
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in taken_by_ray:
+            return port
 
 
 @contextlib.contextmanager

@@ -172,7 +172,7 @@ def ray_start_cluster():
 
 
 def _stop_cluster(proc: subprocess.Popen, tmp: str) -> None:
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)  # `ray start` and what it spawned: its own session
         except ProcessLookupError:
