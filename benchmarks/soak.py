@@ -44,7 +44,9 @@ soak has seen it restarted (pid changes). Chaos events print as they happen. Mem
 level off once each shard's LRU is full (``--max-entries``); a restarted shard starts small
 again, so look at the growth of the longest-lived process (``growth`` in the summary, MB per
 minute over the second half of its samples), which stays near 0 without a leak. ``pend`` and
-``jrnl`` rise during an outage and fall back to ~0 after it.
+``jrnl`` rise during an outage and fall back to ~0 after it. The summary also counts the
+flush processes seen (a shard's child that stores its large batches, so the soak's catch-up
+flushes after an outage go through them) and their largest RSS.
 
 At the end the store is back up, the soak waits for every buffer to drain, ``flush_now()``,
 then checks every acknowledged write and counter against the redis-server itself (a fresh
@@ -266,6 +268,9 @@ class Sampler:
         self.max_pending = [0] * num_shards
         self.max_journal = [0] * num_shards
         self.last: dict[str, Any] | None = None
+        # Flush processes (a shard's child storing its large flushes) seen, and their RSS.
+        self.flush_pids: set[int] = set()
+        self.flush_max_rss = 0.0
 
     def sample(self, cache: pd.Cache, t: float, redis: PrivateRedis) -> dict[str, Any] | None:
         try:
@@ -298,6 +303,10 @@ class Sampler:
             self.ops[(s, pid)] = ops
             self.max_pending[s] = max(self.max_pending[s], sm.get("pending", 0))
             self.max_journal[s] = max(self.max_journal[s], sm.get("journal_bytes", 0))
+            for fpid in (sm.get("flush_pids") or {}).values():
+                if fpid is not None:
+                    self.flush_pids.add(fpid)
+                    self.flush_max_rss = max(self.flush_max_rss, rss_mb(fpid) or 0.0)
             parts.append(
                 f"s{s} pid {pid}{'*' if new else ' '} rss {rss:5.1f}M "
                 f"pend {sm.get('pending', 0):,}/{_k(sm.get('pending_bytes', 0))} "
@@ -702,6 +711,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], c: dict[str,
               f"{sampler.last_rss[s] or 0:.1f} MB, max {sampler.max_rss[s]:.1f} MB; max pending "
               f"{sampler.max_pending[s]:,} keys, max journal {sampler.max_journal[s] / 1e6:.1f} "
               f"MB")
+    print(f"flush processes: {len(sampler.flush_pids)} seen (one per shard process "
+          f"that flushed a large batch), max RSS {sampler.flush_max_rss:.1f} MB")
     longest = sampler.longest_life()
     if longest is not None and len(longest[2]) >= 3:
         s, pid, life = longest
