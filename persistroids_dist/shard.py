@@ -105,6 +105,17 @@ class _Sealed:
     segment: int | None
 
 
+class _Load:
+    """A read of missed keys from the stores, in flight: ``stale`` gets each of its keys
+    the cache's state of which changed meanwhile (its result for those is not cached).
+    Compared by identity: ``_loading`` lists hold one per read."""
+
+    __slots__ = ("stale",)
+
+    def __init__(self) -> None:
+        self.stale: set[bytes] = set()
+
+
 def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
@@ -247,11 +258,12 @@ class ShardCore:
         self._sealed: dict[int, _Sealed] = {}  # epoch -> its writes, oldest first
         self._sealed_keys: dict[bytes, int] = {}  # key -> sealed epochs holding a write of it
         self._committed = -1  # the newest epoch whose checkpoint is committed
-        # Misses being read from the stores: key -> how many reads of it are in flight; a
-        # key written meanwhile goes into _stale, and such a read's result is not cached
-        # (the write may have been flushed and evicted before the read returns).
-        self._loading: dict[bytes, int] = {}
-        self._stale: set[bytes] = set()
+        # Misses being read from the stores: key -> the reads of it in flight. A key written
+        # (or handed away) meanwhile is marked in each of them, and such a read's result is
+        # not cached: the write may have been flushed and evicted before the read returns.
+        # Marked per read, not per key: of two reads in flight, the first to return was
+        # overtaken by the write as surely as the last (see _outdate).
+        self._loading: dict[bytes, list[_Load]] = {}
         self._loops = threading.local()  # one asyncio loop per thread, for async connectors
         # Every buffered write and delete is appended here before it is acknowledged (the
         # host commits it before answering); a flush that stored everything trims it.
@@ -502,9 +514,14 @@ class ShardCore:
         self.c["misses"] += len(keys)
         self.c["read"] += len(keys)
         loading = self._loading
+        load = _Load()
         for kb in keys:
-            loading[kb] = loading.get(kb, 0) + 1
-        stale: set[bytes] = set()
+            reads = loading.get(kb)
+            if reads is None:
+                loading[kb] = [load]
+            else:
+                reads.append(load)
+        stale = load.stale  # filled by _outdate while the stores are read
         try:
             found = self._io(self._read_stores, encoded, timeout=self.store_timeout_s)
         except StoreTimeout:
@@ -526,14 +543,11 @@ class ShardCore:
             raise
         finally:
             for kb in keys:
-                n = loading[kb] - 1
-                if n:
-                    loading[kb] = n
-                else:
+                reads = loading[kb]
+                if len(reads) == 1:
                     del loading[kb]
-                    if kb in self._stale:
-                        self._stale.discard(kb)
-                        stale.add(kb)
+                else:
+                    reads.remove(load)  # by identity: _Load has no __eq__
         loaded: dict[bytes, bytes] = {}
         for kb, ab, vb in zip(keys, encoded, found):
             absent = vb is None
@@ -553,6 +567,13 @@ class ShardCore:
             loaded[kb] = existing
         for i in missing:
             out[i] = loaded[kbs[i]]
+
+    def _outdate(self, kb: bytes) -> None:
+        """Mark every store read of ``kb`` in flight as older than the cache's state of it
+        (a write, a delete, a rollback, or its slot handed away): none of them caches what
+        it read."""
+        for load in self._loading.get(kb, ()):
+            load.stale.add(kb)
 
     def _read_stores(self, encoded: list[bytes]) -> list[bytes | None]:
         """The merged stored values of ``encoded`` args, encoded; None where none is stored.
@@ -652,7 +673,7 @@ class ShardCore:
             self._pending_bytes += size - sizes.get(kb, 0)
             sizes[kb] = size
         if self._loading and kb in self._loading:
-            self._stale.add(kb)  # a read of it from the stores is in flight: now outdated
+            self._outdate(kb)  # a read of it from the stores is in flight: now outdated
         if self._dead or self._attempts:  # a newer write or delete supersedes a refused one
             for cid in self._ids:
                 self._dead.pop((cid, kb), None)
@@ -817,7 +838,8 @@ class ShardCore:
                      and not self._unstored(kb)]
             for kb in gone:
                 self._drop(kb)
-            self._stale.update(kb for kb in self._loading if which(kb))
+            for kb in [kb for kb in self._loading if which(kb)]:
+                self._outdate(kb)
             return len(gone)
 
     # -- handing keys to another shard (resharding) -----------------------------------------
@@ -896,7 +918,7 @@ class ShardCore:
                 if ttl is not None:
                     self._expires[kb] = self._clock() + ttl
             if self._loading and kb in self._loading:
-                self._stale.add(kb)  # a store read of it in flight is older than this
+                self._outdate(kb)  # a store read of it in flight is older than this
             n += 1
         if self._dead:
             self._dead_journaled_upto = -1  # said again at the next segment
@@ -1021,7 +1043,7 @@ class ShardCore:
             else:
                 self._drop(kb)  # the stores have it as of the checkpoint
             if self._loading and kb in self._loading:
-                self._stale.add(kb)
+                self._outdate(kb)
         if self.journal is not None:
             self.journal.append([ROLLBACK, epoch])
         return len(touched)

@@ -207,6 +207,54 @@ def test_a_read_that_raced_a_write_and_its_flush_never_caches_the_older_value():
         c.close()
 
 
+def test_two_reads_in_flight_that_raced_a_write_never_cache_the_older_value():
+    # As above, with a second read of "k" in flight at the same time. Found by the
+    # evictions-to-SQLite linearizability test in CI: whether a load had been overtaken by
+    # a write was marked per key and handed to the LAST load of the key to finish, so the
+    # first to finish cached the old value it read (and an update computed from it).
+    conn = GateStore()
+    conn.store["k"] = "old"
+    c = core(conn, max_entries=2)
+    second: list[Any] = []
+
+    def second_read_then_write_flush_evict() -> None:
+        misses = c.metrics()["misses"]
+        t2 = threading.Thread(target=lambda: second.append(c.get("k")), daemon=True)
+        t2.start()
+        assert _until(lambda: c.metrics()["misses"] > misses)  # its load is registered
+        second.append(t2)
+        c.put("k", "new")
+        c.flush()
+        for i in range(3):
+            c.put(f"filler{i}", i)
+            c.flush()
+        assert not c.contains(encode_key("k"))  # evicted
+        conn.read_gate.clear()  # the second read's store call waits: the first ends first
+
+    try:
+        conn.after_read = second_read_then_write_flush_evict
+        assert c.get("k") in ("old", "new")  # overlapped the write: either is right
+        assert not c.contains(encode_key("k")) or c.get("k") == "new"  # old not cached
+        conn.read_gate.set()
+        t2 = second[0]
+        t2.join(WAIT)
+        assert not t2.is_alive() and second[1] in ("old", "new")
+        assert conn.store["k"] == "new"
+        assert c.get("k") == "new"
+    finally:
+        conn.read_gate.set()
+        c.close()
+
+
+def _until(cond: Any) -> bool:
+    deadline = time.monotonic() + WAIT
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def test_concurrent_updates_of_a_key_that_must_be_read_first_lose_nothing():
     conn = GateStore()
     conn.store["n"] = 100
