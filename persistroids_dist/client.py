@@ -62,8 +62,10 @@ def _rerouted(method: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 return method(self, *args, **kwargs)
             except MovedError as e:
-                if e.slot >= 0:  # else routed by a table this process replaced: again
+                if e.slot >= 0:
                     self._pool.refresh(e.epoch, force=True)
+                else:  # routed by a table this process is replacing: again, by the new one
+                    self._pool.settle()
         raise ShardUnavailableError(f"cache {self.name!r}: still routed to the wrong shard "
                                     f"after {_MAX_REROUTES} refreshes of the slot table")
     return call
@@ -320,7 +322,8 @@ class Cache:
             except MovedError as e:
                 if e.slot >= 0:  # refused by the shard: the caller refreshes (_rerouted)
                     raise
-                continue  # the shard index went with a shrink: route again
+                pool.settle()  # the shard index goes with a shrink: route by the new table
+                continue
         if conn.moved:
             pool.refresh_if_moved()
         return conn, out

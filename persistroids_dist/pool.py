@@ -58,14 +58,19 @@ class Pool:
         return len(self.conns)
 
     def conn(self, shard: int) -> Connection:
-        if shard >= len(self.conns):  # routed by a table a reshard just replaced: again
+        # A refresh may swap the lists for shorter ones (a shrink) at any time: each is read
+        # once, and an index past its end means the caller routed by the table it replaced.
+        conns = self.conns
+        if shard >= len(conns):  # routed by a table a reshard just replaced: again
             raise MovedError(shard, self.epoch, -1)
-        c = self.conns[shard]
+        c = conns[shard]
         if c is not None and not c.closed:
             return c
         with self.lock:
             if self.closed:
                 raise CacheClosedError(f"cache {self.spec.name!r} was shut down")
+            if shard >= len(self.conns):
+                raise MovedError(shard, self.epoch, -1)
             c = self.conns[shard]
             if c is not None and c.closed:  # closed by the linger thread: a send failed
                 self._retire(shard, c)
@@ -73,13 +78,14 @@ class Pool:
                 c = self.conns[shard] = self._open(shard)
             return c
 
-    def _open(self, shard: int) -> Connection:
+    def _open(self, shard: int, spec: CacheSpec | None = None) -> Connection:
         """Connect to ``shard``, finding it through Ray if it moved, and waiting up to the
         cache's ``shard_wait_s`` while Ray restarts it (the connection's own retries, see
         ``Connection._recover``). A shard that is gone or refuses the secret raises what
-        says so; any other failure is ShardUnavailableError."""
+        says so; any other failure is ShardUnavailableError. ``spec``: the cache as of the
+        table the connection is for (default: this pool's now)."""
         try:
-            return self._connect(shard)
+            return self._connect(shard, self.spec if spec is None else spec)
         except LinkError as e:
             cause = e.__cause__
             if isinstance(cause, (AuthenticationError, CacheClosedError,
@@ -88,21 +94,37 @@ class Pool:
             raise ShardUnavailableError(
                 f"cache {self.spec.name!r}: could not connect to shard {shard}: {e}") from e
 
-    def _connect(self, shard: int) -> Connection:
+    def _connect(self, shard: int, spec: CacheSpec) -> Connection:
         """A connection to ``shard`` that resumes itself if the shard restarts (waiting up to
         the cache's ``shard_wait_s``), resending what it had not had answered."""
-        return Connection(self.addresses[shard], self.spec.secret,
-                          resolve=lambda: self._resolve(shard), wait_s=self.spec.shard_wait_s,
-                          node_id=control.local_node_id(), tls=self.spec.tls)
+        addresses = self.addresses
+        if shard >= len(addresses):  # a shrink's refresh is under way: route again
+            raise MovedError(shard, self.epoch, -1)
+        return Connection(addresses[shard], spec.secret,
+                          resolve=lambda: self._resolve(spec, shard), wait_s=spec.shard_wait_s,
+                          node_id=control.local_node_id(), tls=spec.tls)
 
-    def _resolve(self, shard: int) -> dict[str, Any]:
-        # The shard may have been restarted by Ray with a new socket: ask it where it is.
-        self.addresses[shard] = address = control.resolve_address(self.spec, shard)
+    def _resolve(self, spec: CacheSpec, shard: int) -> dict[str, Any]:
+        # The shard may have been restarted by Ray with a new socket: ask it where it is, by
+        # the cache as the connection knew it. A shard a shrink retired since is still there
+        # (it refuses every key as moved) and answers what it was sent; the pool's newer
+        # spec no longer lists it (CI found the IndexError of asking that one).
+        address = control.resolve_address(spec, shard)
+        addresses = self.addresses
+        if shard < len(addresses):  # shard indexes outlive a reshard: the same actor
+            addresses[shard] = address
         return address
+
+    def settle(self) -> None:
+        """Return once no slot table refresh is under way (one another thread runs)."""
+        with self.refresh_lock:
+            pass
 
     def drop(self, shard: int) -> None:
         """Close the connection to ``shard`` (the next use reconnects); writes it had not
         had answered are recorded as lost for ``sync()``."""
+        if shard >= len(self.conns):  # a shrink retired it: its refresh closed it, drained
+            return
         c = self.conns[shard]
         if c is not None:
             c.close()
@@ -250,7 +272,7 @@ class Pool:
                 for shard in sorted({r[0] for r in resends}):
                     c = conns[shard]
                     if c is None or c.closed:
-                        c = conns[shard] = self._open(shard)
+                        c = conns[shard] = self._open(shard, spec)
                     if c not in held:
                         c.lock.acquire()
                         fresh.append(c)

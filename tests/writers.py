@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import operator
+import os
 import threading
+import traceback
 from typing import Any
 
 BUMP = functools.partial(operator.add, 1)
@@ -48,8 +50,10 @@ class Writers:
         try:
             fn(*args)
             return True
-        except Exception as e:  # every error is a finding
-            self.errors.append(f"{type(e).__name__}: {e}"[:1500])
+        except Exception as e:  # every error is a finding: with where it was raised
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            self.errors.append(f"{type(e).__name__}: {e} (at {os.path.basename(where.filename)}"
+                               f":{where.lineno} in {where.name})"[:1500])
             return False
 
     def _unique(self) -> None:

@@ -156,3 +156,49 @@ def test_a_refused_pipelined_write_is_reported_by_sync_not_by_the_next_call(host
 
 def _plus_one(v):
     return v + 1
+
+
+def test_a_connection_to_a_shard_a_shrink_retired_finds_it_by_the_cache_it_was_opened_for(
+        monkeypatch):
+    # CI found an IndexError in a write during a 5 -> 3 reshard with a shard SIGKILLed: a
+    # connection to shard 4, resuming through its restart, asked the pool's new 3-shard spec
+    # where shard 4 was. A retired shard stays up (refusing its keys as moved), so the
+    # connection must find it by the spec it was opened with; and a call routed by the old
+    # table must be told to route again (MovedError, slot -1), never an IndexError.
+    from dataclasses import replace
+
+    from persistroids_dist import control
+    from persistroids_dist.errors import MovedError
+
+    hosts = [ShardHost(i, [MemoryConnector()], {}, SECRET) for i in range(2)]
+    try:
+        spec = {"name": f"unit-{uuid.uuid4().hex}", "secret": SECRET, "num_shards": 2,
+                "addresses": [h.address() for h in hosts], "shards": [None, None],
+                "cache_key": None}
+        pool = Cache(spec)._pool
+        c1 = pool.conn(1)
+        asked: list[tuple[int, int]] = []
+
+        def resolve_address(spec, shard):
+            asked.append((spec.num_shards, shard))
+            return spec.addresses[shard]
+
+        monkeypatch.setattr(control, "resolve_address", resolve_address)
+        # What refresh() swaps for a shrink to one shard.
+        new = replace(pool.spec, num_shards=1, addresses=pool.spec.addresses[:1],
+                      shards=[None], epoch=1)
+        pool.addresses = list(new.addresses)
+        with pool.lock:
+            pool.spec, pool.conns = new, pool.conns[:1]
+        assert c1.resolve() == hosts[1].address()
+        assert asked == [(2, 1)]  # by the spec c1 was opened with
+        for _ in range(2):  # routed by the old table: route again
+            with pytest.raises(MovedError) as moved:
+                pool.conn(1)
+            assert moved.value.slot == -1
+            pool.conns = pool.conns + [None]  # the window before the swap: conns still long
+        pool.drop(5)  # nothing to drop: no IndexError either
+        c1.close()
+    finally:
+        for h in hosts:
+            h.close()
