@@ -188,17 +188,8 @@ def test_a_read_that_raced_a_write_and_its_flush_never_caches_the_older_value():
     conn = GateStore()
     conn.store["k"] = "old"
     c = core(conn, max_entries=2)
-
-    def write_flush_evict() -> None:
-        c.put("k", "new")
-        c.flush()
-        for i in range(3):
-            c.put(f"filler{i}", i)
-            c.flush()
-        assert not c.contains(encode_key("k"))  # evicted
-
     try:
-        conn.after_read = write_flush_evict
+        conn.after_read = lambda: write_flush_evict(c)
         got = c.get("k")
         assert got in ("old", "new")
         assert conn.store["k"] == "new"
@@ -215,20 +206,14 @@ def test_two_reads_in_flight_that_raced_a_write_never_cache_the_older_value():
     conn = GateStore()
     conn.store["k"] = "old"
     c = core(conn, max_entries=2)
-    second: list[Any] = []
+    second_got: list[Any] = []
+    second = threading.Thread(target=lambda: second_got.append(c.get("k")), daemon=True)
 
     def second_read_then_write_flush_evict() -> None:
         misses = c.metrics()["misses"]
-        t2 = threading.Thread(target=lambda: second.append(c.get("k")), daemon=True)
-        t2.start()
+        second.start()
         assert _until(lambda: c.metrics()["misses"] > misses)  # its load is registered
-        second.append(t2)
-        c.put("k", "new")
-        c.flush()
-        for i in range(3):
-            c.put(f"filler{i}", i)
-            c.flush()
-        assert not c.contains(encode_key("k"))  # evicted
+        write_flush_evict(c)
         conn.read_gate.clear()  # the second read's store call waits: the first ends first
 
     try:
@@ -236,14 +221,23 @@ def test_two_reads_in_flight_that_raced_a_write_never_cache_the_older_value():
         assert c.get("k") in ("old", "new")  # overlapped the write: either is right
         assert not c.contains(encode_key("k")) or c.get("k") == "new"  # old not cached
         conn.read_gate.set()
-        t2 = second[0]
-        t2.join(WAIT)
-        assert not t2.is_alive() and second[1] in ("old", "new")
+        second.join(WAIT)
+        assert not second.is_alive() and second_got[0] in ("old", "new")
         assert conn.store["k"] == "new"
         assert c.get("k") == "new"
     finally:
         conn.read_gate.set()
         c.close()
+
+
+def write_flush_evict(c: ShardCore) -> None:
+    """Write "k", flush it, then write and flush fillers until "k" is evicted (max_entries=2)."""
+    c.put("k", "new")
+    c.flush()
+    for i in range(3):
+        c.put(f"filler{i}", i)
+        c.flush()
+    assert not c.contains(encode_key("k"))  # evicted
 
 
 def _until(cond: Any) -> bool:
